@@ -1,0 +1,1 @@
+"""efficient_mllm.train"""

@@ -1,0 +1,1 @@
+"""Standalone Pallas kernels (import jax only, never efficient_mllm)."""
