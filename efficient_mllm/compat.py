@@ -33,3 +33,38 @@ def shard_map(f, *, mesh, in_specs, out_specs, check_vma=True):
 def set_mesh(mesh):
     """Context manager making ``mesh`` the ambient mesh."""
     return jax.set_mesh(mesh)
+
+
+def logical_param(value, names):
+    """An ``nnx.Param`` annotated with logical axis ``names`` (one per dimension of ``value``).
+
+    flax 0.12 renamed the ``sharding_names`` metadata to ``out_sharding`` and shards annotated
+    variables eagerly at creation, which needs an ambient mesh whose axes carry those names.
+    Modules here are built without a mesh (CPU tests, ``nnx.eval_shape``), so eager sharding is
+    turned off per variable; ``nnx.get_partition_spec`` still returns the names, and
+    ``train/sharding.py`` maps them to mesh axes.
+    """
+    from flax import nnx
+
+    names = tuple(names)
+    if len(names) != value.ndim:
+        raise ValueError(
+            f"names={names!r} must give one logical axis per dimension of a value of shape "
+            f"{tuple(value.shape)}"
+        )
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def cost_flops(lowered):
+    """FLOPs from ``jax.jit(f).lower(...).cost_analysis()`` (a dict, or a one-element list of
+    dicts in some versions); ``None`` when the backend reports none."""
+    try:
+        ca = lowered.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    flops = float(ca["flops"])
+    return flops if flops > 0 else None

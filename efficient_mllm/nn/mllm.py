@@ -1,0 +1,593 @@
+"""The multimodal LLM: ViT -> projector -> optional pre-LLM compressor -> splice -> decoder.
+
+Each multimodal row of ``tokens [B, T]`` holds one ``image_token_id`` placeholder. The image
+becomes ``K`` tokens (projector output, possibly reduced by a compressor) spliced in its place,
+so the decoder sees ``L = T - 1 + K`` positions (static). Row ``b`` with placeholder at ``p_b``
+and ``n_b <= K`` valid image tokens reads: text ``0..p_b-1``, its valid image tokens (in kept
+order), text ``p_b+1..`` shifted by ``n_b - 1``, then right padding. Invalid image tokens (a
+compressor's ``valid = False``) are thereby moved to the padding tail, so every row is a plain
+right-padded sequence of ``lengths + n_b - 1`` tokens and the usual causal + padding mask and
+KV cache apply unchanged. Logits are gathered back to the text positions: ``logits[:, t]``
+predicts ``tokens[:, t + 1]``, the placeholder's logit being the last image token's.
+
+Position ids follow "kept tokens keep their original ids": 1D RoPE gives image token ``i`` (of
+the uncompressed ``N``) the id ``p_b + i`` and the following text continues at ``p_b + N``;
+M-RoPE gives it ``(p_b, p_b + row, p_b + col)`` (``ops.rope.mrope_positions``) and text continues
+at ``p_b + max(gh, gw)``.
+
+Compressors come from ``registry.COMPRESSORS`` by name (``MLLMConfig.compressor``); nothing here
+imports ``efficient_mllm.compress``. See :meth:`MLLM.encode_images` for the call contract.
+
+Under ``jit`` the placeholder count cannot be checked: a row without a placeholder is treated as
+text-only (its image is ignored, ``num_image_tokens = 0``) and in a row with several only the
+first is replaced. Eagerly (concrete ``tokens``) both raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_mllm import registry
+from efficient_mllm.kvcache.cache import KVCache
+from efficient_mllm.nn.config import VisionConfig
+from efficient_mllm.nn.language import LanguageConfig, LanguageModel
+from efficient_mllm.nn.layers import Linear, activation
+from efficient_mllm.nn.vision import VisionEncoder
+from efficient_mllm.ops import masks as masks_lib
+from efficient_mllm.ops import rope as rope_ops
+
+__all__ = [
+    "MLLMConfig",
+    "MLLM",
+    "MLLMOutput",
+    "ImageTokens",
+    "Projector",
+    "pixel_shuffle",
+    "splice_layout",
+]
+
+PROJECTORS = ("mlp2x_gelu",)
+# Context a compressor factory may ask for (by naming the argument) when it is built.
+_COMPRESSOR_BUILD_ARGS = ("dim", "vision_dim", "grid", "num_tokens", "dtype", "param_dtype", "rngs")
+
+
+def _is_concrete(x: Any) -> bool:
+    try:
+        np.asarray(x)
+    except Exception:  # a tracer under jit
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLLMConfig:
+    """Hyper-parameters of :class:`MLLM` (frozen, hashable, dict round-trip).
+
+    * ``language``: :class:`LanguageConfig` (or its dict); ``vision``: ``VisionConfig`` / dict /
+      None (text-only model).
+    * ``projector``: ``"mlp2x_gelu"`` (Linear -> GELU -> Linear, LLaVA-1.5); ``pixel_shuffle``
+      ``s >= 1`` merges each ``s x s`` patch neighbourhood into the channels first (``s*s``
+      fewer tokens; the patch grid must be divisible by ``s``).
+    * ``image_token_id``: the placeholder id in ``tokens`` (required with ``vision``).
+    * ``compressor``: ``registry.COMPRESSORS`` spec string (``"visionzip(dominant=54, ...)"``)
+      applied to the projected image tokens before the LLM, or None.
+    """
+
+    language: Any
+    vision: Any = None
+    projector: str = "mlp2x_gelu"
+    pixel_shuffle: int = 1
+    image_token_id: int | None = None
+    compressor: str | None = None
+
+    def __post_init__(self):
+        lang = self.language
+        if isinstance(lang, Mapping):
+            lang = LanguageConfig.from_dict(lang)
+        if not isinstance(lang, LanguageConfig):
+            raise ValueError(f"MLLMConfig.language={self.language!r}: expected a LanguageConfig or dict")
+        object.__setattr__(self, "language", lang)
+        vis = self.vision
+        if isinstance(vis, Mapping):
+            vis = VisionConfig.from_dict(vis)
+        if vis is not None and not isinstance(vis, VisionConfig):
+            raise ValueError(f"MLLMConfig.vision={self.vision!r}: expected a VisionConfig, dict or None")
+        object.__setattr__(self, "vision", vis)
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"MLLMConfig.projector={self.projector!r}: expected one of {PROJECTORS}")
+        s = self.pixel_shuffle
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise ValueError(f"MLLMConfig.pixel_shuffle={s!r}: expected an int >= 1")
+        object.__setattr__(self, "pixel_shuffle", int(s))
+        if vis is not None:
+            gh, gw = vis.grid
+            if gh % s or gw % s:
+                raise ValueError(
+                    f"MLLMConfig.pixel_shuffle={s}: the vision patch grid {vis.grid} must be "
+                    f"divisible by it"
+                )
+            tid = self.image_token_id
+            if (
+                isinstance(tid, bool)
+                or not isinstance(tid, (int, np.integer))
+                or not 0 <= tid < lang.vocab_size
+            ):
+                raise ValueError(
+                    f"MLLMConfig.image_token_id={tid!r}: expected an int in [0, "
+                    f"{lang.vocab_size}) when vision is set"
+                )
+        if self.image_token_id is not None:
+            object.__setattr__(self, "image_token_id", int(self.image_token_id))
+        if self.compressor is not None:
+            if vis is None:
+                raise ValueError(
+                    f"MLLMConfig.compressor={self.compressor!r} needs a vision config (got vision=None)"
+                )
+            registry.parse_spec(self.compressor)
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """Image-token grid after pixel shuffle (None without vision)."""
+        if self.vision is None:
+            return None
+        gh, gw = self.vision.grid
+        return (gh // self.pixel_shuffle, gw // self.pixel_shuffle)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MLLMConfig":
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f"MLLMConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"MLLMConfig.from_dict: unknown key(s) {unknown}; expected keys among {sorted(names)}"
+            )
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (``language`` / ``vision`` as dicts)."""
+        return {
+            "language": self.language.to_dict(),
+            "vision": None if self.vision is None else self.vision.to_dict(),
+            "projector": self.projector,
+            "pixel_shuffle": self.pixel_shuffle,
+            "image_token_id": self.image_token_id,
+            "compressor": self.compressor,
+        }
+
+    def replace(self, **changes: Any) -> "MLLMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def pixel_shuffle(x: jax.Array, grid: tuple[int, int], factor: int) -> jax.Array:
+    """Merges ``factor x factor`` neighbouring tokens of a raster grid into the channels.
+
+    ``x [B, gh*gw, D]`` -> ``[B, (gh/s)*(gw/s), s*s*D]``, output tokens in raster order of the
+    coarse grid, channels ordered ``(row-in-cell, col-in-cell, D)``.
+    """
+    b, n, d = x.shape
+    gh, gw = grid
+    s = factor
+    if n != gh * gw or gh % s or gw % s:
+        raise ValueError(
+            f"x shape={tuple(x.shape)} with grid={grid}: expected gh*gw tokens and a grid divisible "
+            f"by factor={s}"
+        )
+    if s == 1:
+        return x
+    x = x.reshape(b, gh // s, s, gw // s, s, d).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (gh // s) * (gw // s), s * s * d)
+
+
+class Projector(nnx.Module):
+    """``mlp2x_gelu``: ``fc2(gelu(fc1(pixel_shuffle(x))))``; params ``fc1 [vision_embed, mlp]``
+    and ``fc2 [mlp, embed]``, both with bias."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, pixel_shuffle: int = 1, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.factor = int(pixel_shuffle)
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(in_dim * self.factor**2, out_dim, axes=("vision_embed", "mlp"), **kw)
+        self.fc2 = Linear(out_dim, out_dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        x = pixel_shuffle(x, grid, self.factor)
+        return self.fc2(activation("gelu")(self.fc1(x)))
+
+
+class ImageTokens(NamedTuple):
+    """Image tokens ready to splice (see :meth:`MLLM.encode_images`).
+
+    ``tokens [B, K, D]``; ``valid`` bool ``[B, K]``; ``keep_idx`` int32 ``[B, K]`` (index among
+    the ``N`` uncompressed tokens); ``positions`` int32 ``[B, K]`` (rope) or ``[3, B, K]``
+    (mrope), relative to the placeholder; ``span``: static int, the position advance of the
+    whole image (``N`` for rope, ``max(gh, gw)`` for mrope).
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    keep_idx: jax.Array
+    positions: jax.Array
+    span: int
+
+
+class MLLMOutput(NamedTuple):
+    """``logits`` float32 ``[B, T, V]`` aligned with ``tokens``; ``aux`` dict (see
+    :meth:`MLLM.__call__`)."""
+
+    logits: jax.Array
+    aux: dict
+
+
+def splice_layout(placeholder: jax.Array, num_image: jax.Array, text_len: int, num_slots: int):
+    """Static-shape splice plan for ``L = text_len - 1 + num_slots`` positions.
+
+    Args:
+      placeholder: int32 ``[B]`` placeholder index per row (``text_len`` for a row without one).
+      num_image: int32 ``[B]`` valid image tokens per row (0 for a row without a placeholder).
+
+    Returns ``(is_image [B, L] bool, text_src [B, L], image_src [B, L], text_index [B, T])``:
+    spliced position ``j`` takes image token ``image_src`` when ``is_image``, else text token
+    ``text_src`` (``>= text_len`` means padding); ``text_index[b, t]`` is where text token ``t``'s
+    logits are read (the placeholder maps to the last image token).
+    """
+    seq = text_len - 1 + num_slots
+    j = jnp.arange(seq, dtype=jnp.int32)[None, :]
+    p = placeholder[:, None].astype(jnp.int32)
+    n = num_image[:, None].astype(jnp.int32)
+    is_image = (j >= p) & (j < p + n)
+    text_src = jnp.where(j < p, j, j - n + 1)
+    image_src = jnp.clip(j - p, 0, max(num_slots - 1, 0))
+    t = jnp.arange(text_len, dtype=jnp.int32)[None, :]
+    text_index = jnp.where(t < p, t, jnp.where(t == p, jnp.maximum(p + n - 1, 0), t - 1 + n))
+    return is_image, text_src, image_src, text_index
+
+
+def _call_with_accepted(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """Calls ``fn(*args, **kw)`` with the subset of ``kwargs`` its signature accepts."""
+    target = fn.__call__ if isinstance(fn, nnx.Module) else fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    target = fn.__call__ if isinstance(fn, nnx.Module) else fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class MLLM(nnx.Module):
+    """Vision encoder + projector + optional compressor + :class:`LanguageModel`.
+
+    Submodules: ``vision`` (``VisionEncoder`` or None), ``projector`` (:class:`Projector` or
+    None), ``compressor`` (whatever the registry built, or None) and ``language``.
+    """
+
+    def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
+        if isinstance(cfg, Mapping):
+            cfg = MLLMConfig.from_dict(cfg)
+        if not isinstance(cfg, MLLMConfig):
+            raise ValueError(f"cfg={cfg!r}: expected an MLLMConfig")
+        self.cfg = cfg
+        lang = cfg.language
+        self.language = LanguageModel(lang, rngs=rngs)
+        self.vision = None if cfg.vision is None else VisionEncoder(cfg.vision, rngs=rngs)
+        self.projector = (
+            None
+            if cfg.vision is None
+            else Projector(cfg.vision.width, lang.width, pixel_shuffle=cfg.pixel_shuffle,
+                           dtype=lang.compute_dtype, param_dtype=jnp.dtype(lang.param_dtype), rngs=rngs)
+        )
+        self.compressor = None
+        if cfg.compressor is not None:
+            name, _ = registry.parse_spec(cfg.compressor)
+            entry = registry.COMPRESSORS.get(name)  # raises RegistryError if unknown
+            params = inspect.signature(entry.factory).parameters
+            gh, gw = cfg.grid
+            context = {
+                "dim": lang.width,
+                "vision_dim": cfg.vision.width,
+                "grid": (gh, gw),
+                "num_tokens": gh * gw,
+                "dtype": lang.compute_dtype,
+                "param_dtype": jnp.dtype(lang.param_dtype),
+                "rngs": rngs,
+            }
+            _, spec_kwargs = registry.parse_spec(cfg.compressor)
+            extra = {k: context[k] for k in _COMPRESSOR_BUILD_ARGS if k in params and k not in spec_kwargs}
+            self.compressor = registry.COMPRESSORS.build(cfg.compressor, **extra)
+
+    # -- images ------------------------------------------------------------------------------
+
+    def _check_images(self, images: jax.Array, batch: int | None = None) -> None:
+        cfg = self.cfg
+        if cfg.vision is None:
+            raise ValueError("images were given but this MLLM has no vision encoder (vision=None)")
+        want = (*cfg.vision.image_size, cfg.vision.channels)
+        shape = tuple(getattr(images, "shape", ()))
+        if len(shape) != 4 or shape[1:] != want or (batch is not None and shape[0] != batch):
+            b = "B" if batch is None else batch
+            raise ValueError(
+                f"images shape={shape}: expected [{b}, {want[0]}, {want[1]}, {want[2]}] "
+                f"(vision.image_size={cfg.vision.image_size})"
+            )
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images dtype={images.dtype}: expected a float array")
+
+    def encode_images(self, images: jax.Array, *, context: Mapping[str, Any] | None = None) -> ImageTokens:
+        """``images [B, H, W, C]`` -> :class:`ImageTokens` (vision, projector, compressor).
+
+        The compressor is called as ``compressor(tokens [B, N, D], *, positions, grid,
+        cls_attention, features, cls, **context)`` with only the keyword arguments its
+        signature names (all of them if it takes ``**kwargs``): ``positions`` relative ids of
+        the ``N`` tokens (``[B, N]`` rope / ``[3, B, N]`` mrope), ``grid`` the static token grid,
+        ``cls_attention [B, N]`` the ViT's CLS attention (summed over pixel-shuffle cells;
+        computed only when asked for), ``features [B, N, s*s*Dv]`` the pre-projector features,
+        ``cls`` the ViT CLS token ``[B, Dv]`` or None, and ``context`` (e.g. ``text_embeds``,
+        ``text_lengths``, ``placeholder``). It returns an object with ``tokens [B, K, D]``,
+        ``keep_idx [B, K]`` and optionally ``valid [B, K]`` and ``position_ids`` (relative, same
+        layout as ``positions``; default: gathered by ``keep_idx``).
+        """
+        cfg = self.cfg
+        self._check_images(images)
+        want_cls_attn = self.compressor is not None and _accepts(self.compressor, "cls_attention")
+        vis = self.vision(images, return_cls_attention=want_cls_attn)
+        grid = cfg.grid
+        s = cfg.pixel_shuffle
+        tokens = self.projector(vis.patches, vis.grid)
+        b, n = tokens.shape[:2]
+        gh, gw = grid
+        if cfg.language.rope_type == "mrope":
+            rel, nxt = rope_ops.mrope_positions(jnp.ones((1, n), jnp.int32), grid)
+            rel = jnp.broadcast_to(rel, (3, b, n))
+            span = gh if gh >= gw else gw
+            del nxt
+        else:
+            rel = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
+            span = n
+        if self.compressor is None:
+            keep_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
+            return ImageTokens(tokens, jnp.ones((b, n), bool), keep_idx, rel, span)
+        cls_attn = vis.cls_attention
+        if cls_attn is not None and s > 1:
+            g0, g1 = vis.grid
+            cls_attn = cls_attn.reshape(b, g0 // s, s, g1 // s, s).sum(axis=(2, 4)).reshape(b, n)
+        kwargs = dict(
+            positions=rel,
+            grid=grid,
+            cls_attention=cls_attn,
+            features=pixel_shuffle(vis.patches, vis.grid, s),
+            cls=vis.cls,
+            **dict(context or {}),
+        )
+        out = _call_with_accepted(self.compressor, (tokens,), kwargs)
+        for attr in ("tokens", "keep_idx"):
+            if not hasattr(out, attr):
+                raise ValueError(
+                    f"compressor {cfg.compressor!r} returned {type(out).__name__} without "
+                    f"{attr!r}; expected an object with tokens, keep_idx (and valid)"
+                )
+        ctoks = out.tokens
+        k = ctoks.shape[1]
+        if ctoks.ndim != 3 or ctoks.shape[0] != b or ctoks.shape[2] != tokens.shape[2]:
+            raise ValueError(
+                f"compressor {cfg.compressor!r} returned tokens shape={tuple(ctoks.shape)}: "
+                f"expected [{b}, K, {tokens.shape[2]}]"
+            )
+        keep_idx = jnp.asarray(out.keep_idx, jnp.int32)
+        valid = getattr(out, "valid", None)
+        valid = jnp.ones((b, k), bool) if valid is None else jnp.asarray(valid, bool)
+        pos = getattr(out, "position_ids", None)
+        if pos is None:
+            idx = jnp.clip(keep_idx, 0, n - 1)
+            if rel.ndim == 3:
+                pos = jnp.take_along_axis(rel, jnp.broadcast_to(idx[None], (3, b, k)), axis=2)
+            else:
+                pos = jnp.take_along_axis(rel, idx, axis=1)
+        return ImageTokens(ctoks.astype(tokens.dtype), valid, keep_idx, jnp.asarray(pos, jnp.int32), span)
+
+    def num_image_slots(self, image_shape: tuple[int, ...] | None = None) -> int:
+        """Static ``K``: image tokens spliced per row (after pixel shuffle and compressor)."""
+        if self.cfg.vision is None:
+            return 0
+        gh, gw = self.cfg.grid
+        if self.compressor is None:
+            return gh * gw
+        shape = tuple(image_shape) if image_shape else (1, *self.cfg.vision.image_size, self.cfg.vision.channels)
+        graphdef, state = nnx.split(self)
+
+        def f(state, images):
+            return nnx.merge(graphdef, state).encode_images(images).tokens
+
+        return int(jax.eval_shape(f, state, jax.ShapeDtypeStruct(shape, jnp.float32)).shape[1])
+
+    def spliced_length(self, tokens_shape: tuple[int, ...], images_shape: tuple[int, ...] | None) -> int:
+        """Static decoder length for a batch: ``T - 1 + K`` with images, ``T`` without."""
+        t = int(tokens_shape[1])
+        if images_shape is None:
+            return t
+        return t - 1 + self.num_image_slots(images_shape)
+
+    # -- splice ------------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens, images, lengths):
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens dtype={tokens.dtype} shape={tuple(tokens.shape)}: expected int [B, T]")
+        b, t = tokens.shape
+        if lengths is None:
+            lengths = jnp.full((b,), t, jnp.int32)
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths shape={tuple(lengths.shape)} dtype={lengths.dtype}: expected int [{b}]")
+        lengths = lengths.astype(jnp.int32)
+        tid = self.cfg.image_token_id
+        if images is not None:
+            self._check_images(images, b)
+        if tid is not None and _is_concrete(tokens) and _is_concrete(lengths):
+            tk, ln = np.asarray(tokens), np.asarray(lengths)
+            valid = np.arange(t)[None, :] < ln[:, None]
+            counts = ((tk == tid) & valid).sum(axis=1)
+            if images is None and counts.any():
+                raise ValueError(
+                    f"tokens hold the image placeholder (id {tid}) in rows "
+                    f"{np.nonzero(counts)[0].tolist()} but images=None"
+                )
+            if images is not None and not (counts == 1).all():
+                bad = np.nonzero(counts != 1)[0].tolist()
+                raise ValueError(
+                    f"tokens rows {bad} hold {counts[bad].tolist()} image placeholders (id {tid}) "
+                    "among their valid tokens: expected exactly one per row when images are given"
+                )
+        return tokens.astype(jnp.int32), lengths
+
+    def embed_inputs(self, tokens, images=None, lengths=None, *, start=None):
+        """Builds the decoder input: ``(embeds [B, L, D], positions, spliced_lengths, aux)``.
+
+        ``start`` int32 ``[B]``: position id of the first token (``cache.positions``); default 0.
+        """
+        cfg = self.cfg
+        tokens, lengths = self._check_tokens(tokens, images, lengths)
+        b, t = tokens.shape
+        lm = self.language
+        text = lm.embed_tokens(tokens)
+        start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        mrope = cfg.language.rope_type == "mrope"
+        if images is None:
+            pos = jnp.arange(t, dtype=jnp.int32)[None, :] + start[:, None]
+            positions = jnp.broadcast_to(pos[None], (3, b, t)) if mrope else pos
+            token_types = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], masks_lib.TEXT, masks_lib.PAD)
+            aux = {
+                "num_image_tokens": jnp.zeros((b,), jnp.int32),
+                "spliced_lengths": lengths,
+                "text_index": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t)),
+                "token_types": token_types.astype(jnp.int32),
+            }
+            return text, positions, lengths, aux
+
+        is_ph = (tokens == cfg.image_token_id) & (jnp.arange(t)[None, :] < lengths[:, None])
+        has = jnp.any(is_ph, axis=1)
+        placeholder = jnp.where(has, jnp.argmax(is_ph, axis=1), t).astype(jnp.int32)
+        ctx = {"text_embeds": text, "text_lengths": lengths, "placeholder": placeholder}
+        img = self.encode_images(images, context=ctx)
+        k = img.tokens.shape[1]
+        # Valid image tokens first (stable), invalid ones go to the padding tail.
+        order = jnp.argsort(~img.valid, axis=1, stable=True)
+        img_tokens = jnp.take_along_axis(img.tokens, order[:, :, None], axis=1)
+        if img.positions.ndim == 3:
+            img_pos = jnp.take_along_axis(img.positions, jnp.broadcast_to(order[None], (3, b, k)), axis=2)
+        else:
+            img_pos = jnp.take_along_axis(img.positions, order, axis=1)
+        n_img = jnp.where(has, jnp.sum(img.valid, axis=1), 0).astype(jnp.int32)
+        is_image, text_src, image_src, text_index = splice_layout(placeholder, n_img, t, k)
+        seq = t - 1 + k
+        tsrc = jnp.clip(text_src, 0, t - 1)
+        text_part = jnp.take_along_axis(text, tsrc[:, :, None], axis=1)
+        image_part = jnp.take_along_axis(img_tokens, image_src[:, :, None], axis=1)
+        in_text = text_src < t
+        embeds = jnp.where(
+            is_image[:, :, None], image_part, jnp.where(in_text[:, :, None], text_part, 0)
+        ).astype(text.dtype)
+        spliced_lengths = lengths + n_img - has.astype(jnp.int32)
+
+        # Position ids (relative to ``start``): text keeps its index before the placeholder and
+        # continues after the image's span; image tokens sit at placeholder + their ids.
+        span = jnp.where(has, img.span, 0)[:, None]
+        p = placeholder[:, None]
+        text_pos = jnp.where(text_src < p, text_src, text_src - 1 + span)
+        if mrope:
+            img_p = jnp.take_along_axis(img_pos, jnp.broadcast_to(image_src[None], (3, b, seq)), axis=2)
+            positions = jnp.where(is_image[None], p[None] + img_p, text_pos[None])
+        else:
+            img_p = jnp.take_along_axis(img_pos, image_src, axis=1)
+            positions = jnp.where(is_image, p + img_p, text_pos)
+        positions = (positions + (start[None, :, None] if mrope else start[:, None])).astype(jnp.int32)
+
+        valid = jnp.arange(seq)[None, :] < spliced_lengths[:, None]
+        token_types = jnp.where(is_image, masks_lib.IMAGE, masks_lib.TEXT)
+        token_types = jnp.where(valid, token_types, masks_lib.PAD).astype(jnp.int32)
+        aux = {
+            "num_image_tokens": n_img,
+            "spliced_lengths": spliced_lengths,
+            "text_index": text_index,
+            "token_types": token_types,
+            "keep_idx": jnp.take_along_axis(img.keep_idx, order, axis=1),
+            "image_valid": jnp.take_along_axis(img.valid, order, axis=1) & has[:, None],
+        }
+        return embeds, positions, spliced_lengths, aux
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        images: jax.Array | None = None,
+        *,
+        lengths: jax.Array | None = None,
+        layer_hook: Callable | None = None,
+    ) -> MLLMOutput:
+        """``tokens [B, T]`` (+ ``images [B, H, W, C]``) -> :class:`MLLMOutput`.
+
+        ``logits [B, T, V]``: ``logits[:, t]`` predicts ``tokens[:, t + 1]``. ``aux``:
+        ``num_image_tokens [B]`` (image tokens spliced per row), ``spliced_lengths [B]``
+        (``lengths + num_image_tokens - 1`` for rows with an image), ``text_index [B, T]``
+        (decoder position of each text token's logits), ``token_types [B, L]``
+        (``ops.masks`` TEXT/IMAGE/PAD), ``positions`` (decoder position ids), ``hook_extra``
+        (``state.extra`` of ``layer_hook``), and with images ``keep_idx`` / ``image_valid
+        [B, K]``.
+        """
+        embeds, positions, spliced_lengths, aux = self.embed_inputs(tokens, images, lengths)
+        out = self.language(
+            embeds,
+            positions=positions,
+            lengths=spliced_lengths,
+            layer_hook=layer_hook,
+            logits_at=aux["text_index"],
+        )
+        aux = {**aux, "positions": positions, "hook_extra": out.state.extra}
+        return MLLMOutput(logits=out.logits, aux=aux)
+
+    def prefill(
+        self,
+        tokens: jax.Array,
+        images: jax.Array | None,
+        lengths: jax.Array | None,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache, dict]:
+        """Writes the spliced prompt into ``cache`` (positions continue at ``cache.positions``).
+
+        Returns float32 logits ``[B, V]`` at each row's last valid (spliced) position, the cache
+        and ``aux`` (as in ``__call__``). The cache needs ``spliced_length(...)`` free slots.
+        """
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache={type(cache).__name__}: expected a KVCache")
+        embeds, positions, spliced_lengths, aux = self.embed_inputs(
+            tokens, images, lengths, start=cache.positions
+        )
+        last = jnp.maximum(spliced_lengths - 1, 0)[:, None]
+        out = self.language(
+            embeds, positions=positions, lengths=spliced_lengths, cache=cache, logits_at=last
+        )
+        return out.logits[:, 0], out.cache, {**aux, "positions": positions}
+
+    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One decode step: ``tokens [B, 1]`` -> (float32 logits ``[B, V]``, cache)."""
+        return self.language.decode(tokens, cache)
