@@ -89,9 +89,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 class Registry:
     """A mapping from names to factories, with string specs and helpful errors."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, providers: tuple[str, ...] = ()):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        # Modules whose import registers this kind's entries; imported on first lookup so that
+        # ``registry.DATASETS.build("shapes_vqa")`` works without importing the package first.
+        self._providers = list(providers)
+
+    def _load_providers(self) -> None:
+        import importlib
+
+        while self._providers:
+            importlib.import_module(self._providers.pop(0))
 
     def register(
         self, name: str, *, paper: str = "", status: str = "implemented", description: str = ""
@@ -108,15 +117,18 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
+        self._load_providers()
         return sorted(self._entries)
 
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: str) -> bool:
+        self._load_providers()
         return name in self._entries
 
     def get(self, name: str) -> Entry:
+        self._load_providers()
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -159,12 +171,12 @@ class Registry:
         return f"Registry({self.kind!r}, {self.names()})"
 
 
-ATTENTION = Registry("attention")
+ATTENTION = Registry("attention", ("efficient_mllm.ops.attention",))
 COMPRESSORS = Registry("compressor")
 KV_PRESSES = Registry("kv_press")
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", ("efficient_mllm.data",))
 MODELS = Registry("model")
-EVALUATORS = Registry("evaluator")
+EVALUATORS = Registry("evaluator", ("efficient_mllm.evaluate",))
 
 
 def all_registries() -> dict[str, Registry]:

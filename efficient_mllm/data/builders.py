@@ -21,12 +21,12 @@ from etils import epath
 from efficient_mllm.data import common, digit_grid_vqa, mqar, shapes_vqa
 
 __all__ = [
-    "GENERATOR_VERSION",
-    "KnobsConfig",
-    "ShapesVqa",
-    "DigitGridVqa",
-    "Mqar",
     "BUILDERS",
+    "GENERATOR_VERSION",
+    "DigitGridVqa",
+    "KnobsConfig",
+    "Mqar",
+    "ShapesVqa",
     "make_builder",
     "to_tfds_example",
 ]
@@ -42,17 +42,24 @@ class KnobsConfig(tfds.core.BuilderConfig):
     knobs: Any = None
 
     @classmethod
-    def of(cls, knobs: Any) -> "KnobsConfig":
+    def of(cls, knobs: Any) -> KnobsConfig:
         d = common.knob_dict(knobs)
         h = common.stable_hash({"knobs": d, "generator": GENERATOR_VERSION})
-        return cls(name=f"k{h:016x}", version=GENERATOR_VERSION,
-                   description=json.dumps(d, sort_keys=True), knobs=knobs)
+        return cls(
+            name=f"k{h:016x}",
+            version=GENERATOR_VERSION,
+            description=json.dumps(d, sort_keys=True),
+            knobs=knobs,
+        )
 
 
 def to_tfds_example(record: dict[str, Any]) -> dict[str, Any]:
     """A generator record in the form the builders' features accept (PNG bytes, JSON scene)."""
-    out = {"answer": record["answer"], "question_type": np.int32(record["question_type"]),
-           "scene": json.dumps(record["scene"], sort_keys=True)}
+    out = {
+        "answer": record["answer"],
+        "question_type": np.int32(record["question_type"]),
+        "scene": json.dumps(record["scene"], sort_keys=True),
+    }
     if "image" in record:
         out["image"] = common.png_bytes(record["image"])
         out["question"] = record["question"]
@@ -70,19 +77,24 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     _MODULE: Any = None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=self._features(),
-                                     description=(self._MODULE.__doc__ or "").split("\n")[0],
-                                     disable_shuffling=True)
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=self._features(),
+            description=(self._MODULE.__doc__ or "").split("\n")[0],
+            disable_shuffling=True,
+        )
 
     def _features(self) -> tfds.features.FeaturesDict:
         S = self.builder_config.knobs.image_size
-        return tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(S, S, 3), encoding_format="png"),
-            "question": tfds.features.Text(),
-            "answer": tfds.features.Text(),
-            "question_type": tfds.features.Scalar(dtype=np.int32),
-            "scene": tfds.features.Text(),
-        })
+        return tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(S, S, 3), encoding_format="png"),
+                "question": tfds.features.Text(),
+                "answer": tfds.features.Text(),
+                "question_type": tfds.features.Scalar(dtype=np.int32),
+                "scene": tfds.features.Text(),
+            }
+        )
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config.knobs
@@ -113,13 +125,15 @@ class Mqar(_SyntheticBuilder):
 
     def _features(self) -> tfds.features.FeaturesDict:
         L = self.builder_config.knobs.seq_len
-        return tfds.features.FeaturesDict({
-            "tokens": tfds.features.Tensor(shape=(L,), dtype=np.int32),
-            "targets": tfds.features.Tensor(shape=(L,), dtype=np.uint8),
-            "answer": tfds.features.Text(),
-            "question_type": tfds.features.Scalar(dtype=np.int32),
-            "scene": tfds.features.Text(),
-        })
+        return tfds.features.FeaturesDict(
+            {
+                "tokens": tfds.features.Tensor(shape=(L,), dtype=np.int32),
+                "targets": tfds.features.Tensor(shape=(L,), dtype=np.uint8),
+                "answer": tfds.features.Text(),
+                "question_type": tfds.features.Scalar(dtype=np.int32),
+                "scene": tfds.features.Text(),
+            }
+        )
 
 
 BUILDERS = {
@@ -135,5 +149,7 @@ def make_builder(name: str, data_dir: str, knobs: Any) -> tfds.core.GeneratorBas
         raise ValueError(f"name must be one of {sorted(BUILDERS)}, got {name!r}")
     cls, config_cls = BUILDERS[name]
     if not isinstance(knobs, config_cls):
-        raise ValueError(f"knobs must be a {config_cls.__name__} for {name!r}, got {type(knobs).__name__}")
+        raise ValueError(
+            f"knobs must be a {config_cls.__name__} for {name!r}, got {type(knobs).__name__}"
+        )
     return cls(config=KnobsConfig.of(knobs), data_dir=data_dir, file_format="array_record")

@@ -12,22 +12,23 @@ import dataclasses
 import hashlib
 import io
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "SPLITS",
-    "split_id",
-    "example_rng",
-    "stable_hash",
-    "png_bytes",
-    "decode_png",
-    "check_int",
-    "check_float",
-    "check_subset",
     "as_tuple",
+    "check_float",
+    "check_int",
+    "check_subset",
+    "decode_png",
+    "example_rng",
     "knob_dict",
+    "png_bytes",
+    "split_id",
+    "stable_hash",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -95,7 +96,8 @@ def check_subset(name: str, value: Sequence[str], allowed: Sequence[str]) -> tup
     bad = [v for v in value if v not in allowed]
     if bad or not value or len(set(value)) != len(value):
         raise ValueError(
-            f"{name} must be a non-empty list of distinct names from {list(allowed)}, got {list(value)}"
+            f"{name} must be a non-empty list of distinct names from {list(allowed)}, "
+            f"got {list(value)}"
         )
     return value
 

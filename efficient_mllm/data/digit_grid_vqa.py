@@ -28,14 +28,14 @@ import numpy as np
 from efficient_mllm.data import common
 
 __all__ = [
-    "QUESTION_TYPES",
     "MAX_GRID",
     "MAX_QUESTION_TOKENS",
     "POOLS",
+    "QUESTION_TYPES",
     "DigitGridConfig",
     "digit_pool",
-    "load_digit_images",
     "generate_example",
+    "load_digit_images",
     "vocabulary",
 ]
 
@@ -66,14 +66,19 @@ class DigitGridConfig:
         common.check_int("cols", self.cols, 1, MAX_GRID)
         common.check_float("fill", self.fill, 0.0, 1.0)
         common.check_float("clutter", self.clutter, 0.0, 1.0)
-        object.__setattr__(self, "question_types",
-                           common.check_subset("question_types", self.question_types, QUESTION_TYPES))
+        object.__setattr__(
+            self,
+            "question_types",
+            common.check_subset("question_types", self.question_types, QUESTION_TYPES),
+        )
         for name in ("num_train", "num_validation", "num_test"):
             common.check_int(name, getattr(self, name), 0, 10**8)
         common.check_int("seed", self.seed, 0, 2**32 - 1)
         if self.image_size // max(self.rows, self.cols) < 8:
-            raise ValueError(f"image_size: {self.image_size} gives cells under 8 pixels for a "
-                             f"{self.rows}x{self.cols} grid; expected >= {8 * max(self.rows, self.cols)}")
+            raise ValueError(
+                f"image_size: {self.image_size} gives cells under 8 pixels for a "
+                f"{self.rows}x{self.cols} grid; expected >= {8 * max(self.rows, self.cols)}"
+            )
         if self.question_types == ("compare",) and self.cols < 2:
             raise ValueError("question_types: 'compare' needs cols >= 2, got cols=1")
 
@@ -82,7 +87,9 @@ class DigitGridConfig:
         return self.image_size // max(self.rows, self.cols)
 
     def num_examples(self, split: str) -> int:
-        return getattr(self, {"train": "num_train", "validation": "num_validation", "test": "num_test"}[split])
+        return getattr(
+            self, {"train": "num_train", "validation": "num_validation", "test": "num_test"}[split]
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,15 +114,17 @@ def digit_pool(split: str) -> np.ndarray:
 
 def vocabulary() -> list[str]:
     """Every word the questions and answers of ``digit_grid_vqa`` can use (independent of knobs)."""
-    words = ("what digit is at row column where the how many times does appear larger than to "
-             "its right yes no none ?").split()
+    words = (
+        "what digit is at row column where the how many times does appear larger than to "
+        "its right yes no none ?"
+    ).split()
     words += [str(i) for i in range(MAX_GRID * MAX_GRID + 1)]
     words += [f"r{r}c{c}" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
     return list(dict.fromkeys(words))
 
 
 def _sample_cells(rng: np.random.Generator, cfg: DigitGridConfig, split: str) -> list[dict]:
-    images, labels = load_digit_images()
+    _, labels = load_digit_images()
     lo, hi = POOLS[split]
     filled = rng.random((cfg.rows, cfg.cols)) < cfg.fill
     if not filled.any():
@@ -132,8 +141,15 @@ def _sample_cells(rng: np.random.Generator, cfg: DigitGridConfig, split: str) ->
             size = int(rng.integers(max(6, int(0.7 * cell)), cell + 1))
             x0 = ox + c * cell + int(rng.integers(0, cell - size + 1))
             y0 = oy + r * cell + int(rng.integers(0, cell - size + 1))
-            cells.append({"row": r, "col": c, "digit": int(labels[src]), "source_index": src,
-                          "bbox": [x0, y0, x0 + size, y0 + size]})
+            cells.append(
+                {
+                    "row": r,
+                    "col": c,
+                    "digit": int(labels[src]),
+                    "source_index": src,
+                    "bbox": [x0, y0, x0 + size, y0 + size],
+                }
+            )
     return cells
 
 
@@ -144,10 +160,14 @@ def _render(rng: np.random.Generator, cells: list[dict], cfg: DigitGridConfig) -
     S = cfg.image_size
     canvas = np.zeros((S, S), np.uint8)
     if cfg.clutter > 0:
-        canvas = rng.integers(0, int(110 * cfg.clutter) + 1, size=(S, S), dtype=np.int16).astype(np.uint8)
+        canvas = rng.integers(0, int(110 * cfg.clutter) + 1, size=(S, S), dtype=np.int16).astype(
+            np.uint8
+        )
     for cell in cells:
         x0, y0, x1, y1 = cell["bbox"]
-        digit = Image.fromarray(images[cell["source_index"]]).resize((x1 - x0, y1 - y0), Image.BILINEAR)
+        digit = Image.fromarray(images[cell["source_index"]]).resize(
+            (x1 - x0, y1 - y0), Image.BILINEAR
+        )
         region = canvas[y0:y1, x0:x1]
         np.maximum(region, np.asarray(digit), out=region)
     return np.repeat(canvas[:, :, None], 3, axis=2)
@@ -202,9 +222,21 @@ def generate_example(cfg: DigitGridConfig, split: str, index: int) -> dict[str, 
             qa = _ASK[t](rng, cells, cfg)
             if qa is not None:
                 image = _render(rng, cells, cfg)
-                scene = {"image_size": cfg.image_size, "rows": cfg.rows, "cols": cfg.cols,
-                         "cell_size": cfg.cell_size, "cells": cells}
-                return {"image": image, "question": qa[0], "answer": qa[1],
-                        "question_type": QUESTION_TYPES.index(t), "scene": scene}
-    raise ValueError(f"config: no askable question found in 1000 draws for {cfg}; expected a "
-                     "higher fill or more question types")
+                scene = {
+                    "image_size": cfg.image_size,
+                    "rows": cfg.rows,
+                    "cols": cfg.cols,
+                    "cell_size": cfg.cell_size,
+                    "cells": cells,
+                }
+                return {
+                    "image": image,
+                    "question": qa[0],
+                    "answer": qa[1],
+                    "question_type": QUESTION_TYPES.index(t),
+                    "scene": scene,
+                }
+    raise ValueError(
+        f"config: no askable question found in 1000 draws for {cfg}; expected a "
+        "higher fill or more question types"
+    )

@@ -20,7 +20,7 @@ import numpy as np
 
 from efficient_mllm.data import common
 
-__all__ = ["QUESTION_TYPES", "PAD_ID", "FILLER_ID", "MQARConfig", "generate_example"]
+__all__ = ["FILLER_ID", "PAD_ID", "QUESTION_TYPES", "MQARConfig", "generate_example"]
 
 QUESTION_TYPES = ("recall",)
 PAD_ID, FILLER_ID = 0, 1
@@ -54,20 +54,30 @@ class MQARConfig:
         for name in ("num_train", "num_validation", "num_test"):
             common.check_int(name, getattr(self, name), 0, 10**8)
         common.check_int("seed", self.seed, 0, 2**32 - 1)
-        if self.num_kv_pairs > self.num_keys or self.num_kv_pairs > self.vocab_size - 2 - self.num_keys:
-            raise ValueError(f"num_kv_pairs: {self.num_kv_pairs} exceeds the {self.num_keys} distinct "
-                             f"keys that vocab_size={self.vocab_size} allows; expected <= {self.num_keys}")
+        if (
+            self.num_kv_pairs > self.num_keys
+            or self.num_kv_pairs > self.vocab_size - 2 - self.num_keys
+        ):
+            raise ValueError(
+                f"num_kv_pairs: {self.num_kv_pairs} exceeds the {self.num_keys} distinct "
+                f"keys that vocab_size={self.vocab_size} allows; expected <= {self.num_keys}"
+            )
         slots = (self.seq_len - 2 * self.num_kv_pairs) // 2
         if self.num_queries > slots:
-            raise ValueError(f"seq_len: {self.seq_len} leaves {max(slots, 0)} query slots after "
-                             f"{self.num_kv_pairs} pairs; expected >= {2 * (self.num_kv_pairs + self.num_queries)}")
+            raise ValueError(
+                f"seq_len: {self.seq_len} leaves {max(slots, 0)} query slots after "
+                f"{self.num_kv_pairs} pairs; expected seq_len >= "
+                f"{2 * (self.num_kv_pairs + self.num_queries)}"
+            )
 
     @property
     def num_keys(self) -> int:
         return (self.vocab_size - 2) // 2
 
     def num_examples(self, split: str) -> int:
-        return getattr(self, {"train": "num_train", "validation": "num_validation", "test": "num_test"}[split])
+        return getattr(
+            self, {"train": "num_train", "validation": "num_validation", "test": "num_test"}[split]
+        )
 
 
 def generate_example(cfg: MQARConfig, split: str, index: int) -> dict[str, Any]:
@@ -93,7 +103,14 @@ def generate_example(cfg: MQARConfig, split: str, index: int) -> dict[str, Any]:
     tokens[qpos], tokens[qpos + 1] = keys[which], values[which]
     targets = np.zeros(cfg.seq_len, np.uint8)
     targets[qpos + 1] = 1
-    return {"tokens": tokens, "targets": targets,
-            "answer": " ".join(str(int(v)) for v in values[which]), "question_type": 0,
-            "scene": {"keys": keys.tolist(), "values": values.tolist(),
-                      "query_positions": qpos.tolist()}}
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "answer": " ".join(str(int(v)) for v in values[which]),
+        "question_type": 0,
+        "scene": {
+            "keys": keys.tolist(),
+            "values": values.tolist(),
+            "query_positions": qpos.tolist(),
+        },
+    }

@@ -28,11 +28,11 @@ from efficient_mllm.data.tokenizer import encode_vqa
 
 __all__ = [
     "HOST_FIELDS",
-    "normalize_image",
-    "encode_record",
-    "split_host_fields",
     "EncodeRecord",
+    "encode_record",
     "make_loader",
+    "normalize_image",
+    "split_host_fields",
 ]
 
 HOST_FIELDS = ("answer_text",)
@@ -62,7 +62,9 @@ def _image_hw(image_size: int | tuple[int, int] | None) -> tuple[int, int] | Non
     return hw
 
 
-def normalize_image(image: np.ndarray, image_size: int | tuple[int, int] | None = None) -> np.ndarray:
+def normalize_image(
+    image: np.ndarray, image_size: int | tuple[int, int] | None = None
+) -> np.ndarray:
     """uint8 ``[H, W, 3]`` -> float32 ``(x / 255 - 0.5) / 0.5``, resized (bilinear) if asked."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -75,15 +77,23 @@ def normalize_image(image: np.ndarray, image_size: int | tuple[int, int] | None 
     return (image.astype(np.float32) / 255.0 - 0.5) / 0.5
 
 
-def encode_record(record: dict[str, Any], tokenizer: Any, *, seq_len: int,
-                  image_size: int | tuple[int, int] | None = None, index: int = -1) -> dict[str, np.ndarray]:
+def encode_record(
+    record: dict[str, Any],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    image_size: int | tuple[int, int] | None = None,
+    index: int = -1,
+) -> dict[str, np.ndarray]:
     """One record (VQA or pre-tokenized) -> one unbatched row of the batch format above."""
     if "tokens" in record:
         ids = np.asarray(record["tokens"], np.int32).reshape(-1)
         targets = np.asarray(record["targets"]).reshape(-1).astype(bool)
         if targets.shape != ids.shape or not targets.any():
-            raise ValueError(f"record: targets must mark at least one of the {ids.size} tokens, "
-                             f"got shape {targets.shape} with {int(targets.sum())} marked")
+            raise ValueError(
+                f"record: targets must mark at least one of the {ids.size} tokens, "
+                f"got shape {targets.shape} with {int(targets.sum())} marked"
+            )
         pad = 0 if tokenizer is None else tokenizer.pad_id
         prompt_len = int(np.argmax(targets))
         question = "<token ids>"
@@ -98,8 +108,10 @@ def encode_record(record: dict[str, Any], tokenizer: Any, *, seq_len: int,
         pad = tokenizer.pad_id
     n = int(ids.size)
     if n > seq_len:
-        raise ValueError(f"seq_len: record {index} has {n} tokens ({question!r}), more than "
-                         f"seq_len={seq_len}; expected seq_len >= {n} (no truncation is done)")
+        raise ValueError(
+            f"seq_len: record {index} has {n} tokens ({question!r}), more than "
+            f"seq_len={seq_len}; expected seq_len >= {n} (no truncation is done)"
+        )
     tokens = np.full(seq_len, pad, np.int32)
     tokens[:n] = ids
     loss_mask = np.zeros(seq_len, np.float32)
@@ -118,10 +130,14 @@ def encode_record(record: dict[str, Any], tokenizer: Any, *, seq_len: int,
     return out
 
 
-def split_host_fields(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def split_host_fields(
+    batch: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(arrays for the device, host-only fields such as answer_text)``."""
-    return ({k: v for k, v in batch.items() if k not in HOST_FIELDS},
-            {k: v for k, v in batch.items() if k in HOST_FIELDS})
+    return (
+        {k: v for k, v in batch.items() if k not in HOST_FIELDS},
+        {k: v for k, v in batch.items() if k in HOST_FIELDS},
+    )
 
 
 class _Indexed:
@@ -143,13 +159,16 @@ class _Indexed:
 class EncodeRecord(grain.transforms.Map):
     """grain ``Map`` transform applying :func:`encode_record` to ``(index, record)``."""
 
-    def __init__(self, tokenizer: Any, *, seq_len: int, image_size: int | tuple[int, int] | None = None):
+    def __init__(
+        self, tokenizer: Any, *, seq_len: int, image_size: int | tuple[int, int] | None = None
+    ):
         self.tokenizer, self.seq_len, self.image_size = tokenizer, seq_len, image_size
 
     def map(self, element: tuple[int, Any]) -> dict[str, np.ndarray]:
         index, record = element
-        return encode_record(record, self.tokenizer, seq_len=self.seq_len, image_size=self.image_size,
-                             index=index)
+        return encode_record(
+            record, self.tokenizer, seq_len=self.seq_len, image_size=self.image_size, index=index
+        )
 
 
 def make_loader(
@@ -177,46 +196,74 @@ def make_loader(
     ``num_epochs``: ``None`` repeats forever. ``shard_index`` / ``shard_count``: this process's
     shard (default ``jax.process_index()`` / ``jax.process_count()``); shards are disjoint and
     equal-sized (up to ``shard_count - 1`` records are dropped), so hosts stay in step.
-    ``drop_remainder``: drop the last partial batch (keeps shapes static).
-    Resume with ``it = iter(loader); state = it.get_state(); ...; it.set_state(state)``.
+    ``batch_size`` is per process. ``drop_remainder``: drop the last partial batch (keeps shapes
+    static). ``worker_count > 0`` decodes in child processes (needs parsed absl flags and a
+    ``__main__`` guard); the batch order depends on ``worker_count``.
+    Resume with ``it = iter(loader); state = it.get_state(); ...; it.set_state(state)`` (same
+    arguments, same ``worker_count``).
     """
     try:
         n = len(source)
     except TypeError:
-        raise ValueError(f"source must be random access (len and [i]), got {type(source).__name__}") from None
+        raise ValueError(
+            f"source must be random access (len and [i]), got {type(source).__name__}"
+        ) from None
     if n <= 0:
         raise ValueError(f"source must hold at least one record, got {n}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if num_epochs is not None and (isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1):
-        raise ValueError(f"num_epochs must be a positive int or None (repeat forever), got {num_epochs!r}")
+    if num_epochs is not None and (
+        isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1
+    ):
+        raise ValueError(
+            f"num_epochs must be a positive int or None (repeat forever), got {num_epochs!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     _image_hw(image_size)
     if (shard_index is None) != (shard_count is None):
-        raise ValueError(f"shard_index and shard_count must be given together, got "
-                         f"shard_index={shard_index!r}, shard_count={shard_count!r}")
+        raise ValueError(
+            f"shard_index and shard_count must be given together, got "
+            f"shard_index={shard_index!r}, shard_count={shard_count!r}"
+        )
     if shard_index is None:
         import jax
 
         shard_index, shard_count = jax.process_index(), jax.process_count()
-    if not (isinstance(shard_count, int) and shard_count >= 1 and isinstance(shard_index, int)
-            and 0 <= shard_index < shard_count):
-        raise ValueError(f"shard_index must be in [0, shard_count) with shard_count >= 1, got "
-                         f"shard_index={shard_index!r}, shard_count={shard_count!r}")
+    if not (
+        isinstance(shard_count, int)
+        and shard_count >= 1
+        and isinstance(shard_index, int)
+        and 0 <= shard_index < shard_count
+    ):
+        raise ValueError(
+            f"shard_index must be in [0, shard_count) with shard_count >= 1, got "
+            f"shard_index={shard_index!r}, shard_count={shard_count!r}"
+        )
     if n < shard_count:
-        raise ValueError(f"shard_count: {shard_count} shards of a source of {n} records leave some "
-                         "shards empty; expected shard_count <= len(source)")
-    shard_options = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                                drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(num_records=n, shard_options=shard_options, shuffle=shuffle,
-                                          num_epochs=num_epochs, seed=int(seed))
+        raise ValueError(
+            f"shard_count: {shard_count} shards of a source of {n} records leave some "
+            "shards empty; expected shard_count <= len(source)"
+        )
+    shard_options = grain.sharding.ShardOptions(
+        shard_index=shard_index, shard_count=shard_count, drop_remainder=True
+    )
+    sampler = grain.samplers.IndexSampler(
+        num_records=n,
+        shard_options=shard_options,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=int(seed),
+    )
     op = EncodeRecord(tokenizer, seq_len=int(seq_len), image_size=image_size)
     return grain.DataLoader(
         data_source=_Indexed(source),
         sampler=sampler,
-        operations=[op, grain.transforms.Batch(batch_size=int(batch_size), drop_remainder=drop_remainder)],
+        operations=[
+            op,
+            grain.transforms.Batch(batch_size=int(batch_size), drop_remainder=drop_remainder),
+        ],
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         shard_options=shard_options,

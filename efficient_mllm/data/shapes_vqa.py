@@ -33,23 +33,29 @@ import numpy as np
 from efficient_mllm.data import common
 
 __all__ = [
-    "SHAPES",
     "COLORS",
+    "MAX_OBJECTS",
+    "MAX_QUESTION_TOKENS",
+    "MIN_OBJECT_PIXELS",
     "PLURALS",
     "QUESTION_TYPES",
-    "MAX_OBJECTS",
-    "MIN_OBJECT_PIXELS",
-    "MAX_QUESTION_TOKENS",
+    "SHAPES",
     "ShapesVQAConfig",
-    "separation",
-    "scene_split",
     "generate_example",
+    "scene_split",
+    "separation",
     "vocabulary",
 ]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
-           "diamond": "diamonds", "star": "stars", "cross": "crosses"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "diamond": "diamonds",
+    "star": "stars",
+    "cross": "crosses",
+}
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -63,7 +69,7 @@ QUESTION_TYPES = ("color", "shape", "count", "exist", "relative_position", "left
 MAX_OBJECTS = 32
 MIN_OBJECT_PIXELS = 8  # below this, a rendered circle, cross and diamond can coincide
 MAX_QUESTION_TOKENS = 12  # "is the purple triangle left or right of the yellow diamond ?"
-_BUCKETS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
+_BUCKETS = {"train": range(8), "validation": range(8, 9), "test": range(9, 10)}
 _MAX_ATTEMPTS = 10_000
 
 
@@ -95,29 +101,43 @@ class ShapesVQAConfig:
         common.check_float("clutter", self.clutter, 0.0, 1.0)
         s(self, "shapes", common.check_subset("shapes", self.shapes, SHAPES))
         s(self, "colors", common.check_subset("colors", self.colors, tuple(COLORS)))
-        s(self, "question_types", common.check_subset("question_types", self.question_types, QUESTION_TYPES))
+        s(
+            self,
+            "question_types",
+            common.check_subset("question_types", self.question_types, QUESTION_TYPES),
+        )
         for name in ("num_train", "num_validation", "num_test"):
             common.check_int(name, getattr(self, name), 0, 10**8)
         common.check_int("seed", self.seed, 0, 2**32 - 1)
         if round(self.min_object_size * self.image_size) < MIN_OBJECT_PIXELS:
-            raise ValueError(f"min_object_size: {self.min_object_size} x image_size {self.image_size} "
-                             f"is below {MIN_OBJECT_PIXELS} pixels, where shapes become hard to tell "
-                             f"apart; expected >= {MIN_OBJECT_PIXELS / self.image_size:.3f}")
+            raise ValueError(
+                f"min_object_size: {self.min_object_size} x image_size {self.image_size} "
+                f"is below {MIN_OBJECT_PIXELS} pixels, where shapes become hard to tell "
+                f"apart; expected >= {MIN_OBJECT_PIXELS / self.image_size:.3f}"
+            )
         pairs = len(self.shapes) * len(self.colors)
         if self.max_objects > pairs:
-            raise ValueError(f"max_objects: {self.max_objects} exceeds the {pairs} distinct "
-                             "(colour, shape) pairs available; expected <= that number")
+            raise ValueError(
+                f"max_objects: {self.max_objects} exceeds the {pairs} distinct "
+                "(colour, shape) pairs available; expected <= that number"
+            )
         area = self.max_objects * (self.min_object_size * self.image_size + 2) ** 2
         if area > 0.5 * self.image_size**2:
-            raise ValueError(f"max_objects: {self.max_objects} objects of min_object_size "
-                             f"{self.min_object_size} cannot be placed apart on a {self.image_size}px "
-                             "image; expected them to cover at most half of it")
+            raise ValueError(
+                f"max_objects: {self.max_objects} objects of min_object_size "
+                f"{self.min_object_size} cannot be placed apart on a {self.image_size}px "
+                "image; expected them to cover at most half of it"
+            )
         if self.max_objects < 2 and set(self.question_types) <= {"relative_position", "left_of"}:
-            raise ValueError(f"question_types: {list(self.question_types)} need two objects, "
-                             f"but max_objects={self.max_objects}")
+            raise ValueError(
+                f"question_types: {list(self.question_types)} need two objects, "
+                f"but max_objects={self.max_objects}"
+            )
 
     def num_examples(self, split: str) -> int:
-        return getattr(self, {"train": "num_train", "validation": "num_validation", "test": "num_test"}[split])
+        return getattr(
+            self, {"train": "num_train", "validation": "num_validation", "test": "num_test"}[split]
+        )
 
 
 def separation(image_size: int) -> float:
@@ -134,8 +154,10 @@ def scene_split(objects: list[dict]) -> str:
 
 def vocabulary() -> list[str]:
     """Every word the questions and answers of ``shapes_vqa`` can use (independent of knobs)."""
-    words = ("what color is the shape object objects how many are there a left or right of above below "
-             "yes no ?").split()
+    words = (
+        "what color is the shape object objects how many are there a left or right of above below "
+        "yes no ?"
+    ).split()
     words += list(SHAPES) + [PLURALS[s] for s in SHAPES] + list(COLORS)
     words += [str(i) for i in range(MAX_OBJECTS + 1)]
     return list(dict.fromkeys(words))
@@ -149,8 +171,8 @@ def _sample_objects(rng: np.random.Generator, cfg: ShapesVQAConfig) -> list[dict
     pairs = [(s, c) for s in cfg.shapes for c in cfg.colors]
     chosen = rng.choice(len(pairs), size=n, replace=False)
     S = cfg.image_size
-    lo = max(MIN_OBJECT_PIXELS, int(round(cfg.min_object_size * S)))
-    hi = max(lo, int(round(cfg.max_object_size * S)))
+    lo = max(MIN_OBJECT_PIXELS, round(cfg.min_object_size * S))
+    hi = max(lo, round(cfg.max_object_size * S))
     boxes: list[tuple[int, int, int, int]] = []
     objects = []
     for k in chosen:
@@ -160,14 +182,22 @@ def _sample_objects(rng: np.random.Generator, cfg: ShapesVQAConfig) -> list[dict
             x0 = int(rng.integers(0, S - size + 1))
             y0 = int(rng.integers(0, S - size + 1))
             box = (x0, y0, x0 + size, y0 + size)
-            if all(box[0] >= b[2] + 2 or b[0] >= box[2] + 2 or box[1] >= b[3] + 2 or b[1] >= box[3] + 2
-                   for b in boxes):
+            if all(
+                box[0] >= b[2] + 2 or b[0] >= box[2] + 2 or box[1] >= b[3] + 2 or b[1] >= box[3] + 2
+                for b in boxes
+            ):
                 break
         else:
             return None
         boxes.append(box)
-        objects.append({"shape": shape, "color": color, "bbox": list(box),
-                        "center": [x0 + size / 2, y0 + size / 2]})
+        objects.append(
+            {
+                "shape": shape,
+                "color": color,
+                "bbox": list(box),
+                "center": [x0 + size / 2, y0 + size / 2],
+            }
+        )
     return objects
 
 
@@ -185,9 +215,20 @@ def _polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, fl
         return [(cx + r * w * np.cos(a), cy - r * h * np.sin(a)) for a, r in zip(ang, rad)]
     if shape == "cross":
         t = w / 6
-        return [(cx - t, y0), (cx + t, y0), (cx + t, cy - t), (x0 + w, cy - t), (x0 + w, cy + t),
-                (cx + t, cy + t), (cx + t, y0 + h), (cx - t, y0 + h), (cx - t, cy + t), (x0, cy + t),
-                (x0, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, y0),
+            (cx + t, y0),
+            (cx + t, cy - t),
+            (x0 + w, cy - t),
+            (x0 + w, cy + t),
+            (cx + t, cy + t),
+            (cx + t, y0 + h),
+            (cx - t, y0 + h),
+            (cx - t, cy + t),
+            (x0, cy + t),
+            (x0, cy - t),
+            (cx - t, cy - t),
+        ]
     raise ValueError(f"shape: unknown shape {shape!r}")
 
 
@@ -196,16 +237,21 @@ def _render(rng: np.random.Generator, objects: list[dict], cfg: ShapesVQAConfig)
 
     S, c = cfg.image_size, cfg.clutter
     base = np.full((S, S, 3), 40, np.int16)
-    if c > 0:  # grey noise texture plus grey distractor strokes
-        base += rng.integers(-int(70 * c), int(70 * c) + 1, size=(S, S, 1), dtype=np.int16)
+    if c > 0:  # grey noise texture (about 64 cells across) plus grey distractor strokes
+        block = max(1, S // 64)
+        cells = -(-S // block)
+        amp = int(70 * c)
+        noise = rng.integers(-amp, amp + 1, size=(cells, cells, 1), dtype=np.int16)
+        base += np.repeat(np.repeat(noise, block, axis=0), block, axis=1)[:S, :S]
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     if c > 0:
-        n_strokes = int(round(c * 12 * max(1.0, S / 64)))
+        n_strokes = round(c * 12 * max(1.0, S / 64))
         pts = rng.integers(0, S, size=(n_strokes, 4))
         greys = rng.integers(70, 170, size=n_strokes)
+        width = max(1, S // 128)
         for (a, b, x, y), g in zip(pts.tolist(), greys.tolist()):
-            draw.line((a, b, x, y), fill=(g, g, g), width=1)
+            draw.line((a, b, x, y), fill=(g, g, g), width=width)
     for o in objects:
         box = tuple(o["bbox"])
         fill = COLORS[o["color"]]
@@ -215,11 +261,7 @@ def _render(rng: np.random.Generator, objects: list[dict], cfg: ShapesVQAConfig)
             draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=fill)
         else:
             draw.polygon(_polygon(o["shape"], box), fill=fill)
-    out = np.asarray(img)
-    if c > 0:
-        noise = rng.integers(-int(20 * c), int(20 * c) + 1, size=(S, S, 3), dtype=np.int16)
-        out = np.clip(out.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-    return out
+    return np.asarray(img)
 
 
 # ----------------------------------------------------------------------------- questions
@@ -302,8 +344,14 @@ def _q_left_of(rng, objs, cfg):
     return f"what shape is left of the {_name(x)}", o["shape"]
 
 
-_ASK = {"color": _q_color, "shape": _q_shape, "count": _q_count, "exist": _q_exist,
-        "relative_position": _q_relative_position, "left_of": _q_left_of}
+_ASK = {
+    "color": _q_color,
+    "shape": _q_shape,
+    "count": _q_count,
+    "exist": _q_exist,
+    "relative_position": _q_relative_position,
+    "left_of": _q_left_of,
+}
 
 
 def _ask(rng, objs, cfg):
@@ -329,7 +377,14 @@ def generate_example(cfg: ShapesVQAConfig, split: str, index: int) -> dict[str, 
         if qa is None:
             continue
         image = _render(rng, objs, cfg)
-        return {"image": image, "question": qa[0], "answer": qa[1], "question_type": qa[2],
-                "scene": {"image_size": cfg.image_size, "objects": objs}}
-    raise ValueError(f"config: no {split} scene with an askable question found in {_MAX_ATTEMPTS} "
-                     f"draws for {cfg}; expected looser knobs (more objects, shapes or colours)")
+        return {
+            "image": image,
+            "question": qa[0],
+            "answer": qa[1],
+            "question_type": qa[2],
+            "scene": {"image_size": cfg.image_size, "objects": objs},
+        }
+    raise ValueError(
+        f"config: no {split} scene with an askable question found in {_MAX_ATTEMPTS} "
+        f"draws for {cfg}; expected looser knobs (more objects, shapes or colours)"
+    )

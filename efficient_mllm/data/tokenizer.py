@@ -15,15 +15,15 @@ import collections
 import json
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = [
     "SPECIAL_TOKENS",
-    "WordTokenizer",
     "HFTokenizer",
-    "load_tokenizer",
-    "format_question",
+    "WordTokenizer",
     "encode_vqa",
+    "format_question",
+    "load_tokenizer",
 ]
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<image>"
@@ -51,7 +51,9 @@ class WordTokenizer:
         seen = set(vocab)
         for w in words:
             if not isinstance(w, str) or not w or any(c.isspace() for c in w):
-                raise ValueError(f"words: each word must be a non-empty string without spaces, got {w!r}")
+                raise ValueError(
+                    f"words: each word must be a non-empty string without spaces, got {w!r}"
+                )
             w = w.lower() if lowercase else w
             if w not in seen:
                 seen.add(w)
@@ -62,8 +64,13 @@ class WordTokenizer:
 
     @classmethod
     def from_texts(
-        cls, texts: Iterable[str], *, min_count: int = 1, max_size: int | None = None, lowercase: bool = True
-    ) -> "WordTokenizer":
+        cls,
+        texts: Iterable[str],
+        *,
+        min_count: int = 1,
+        max_size: int | None = None,
+        lowercase: bool = True,
+    ) -> WordTokenizer:
         """Builds a vocabulary from texts: words seen ``>= min_count`` times, most frequent first
         (ties alphabetical), at most ``max_size`` words besides the special tokens."""
         if min_count < 1:
@@ -73,7 +80,9 @@ class WordTokenizer:
         counts = collections.Counter()
         for t in texts:
             counts.update(w for w in _split_words(t, lowercase) if w not in SPECIAL_TOKENS)
-        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         if max_size is not None:
             words = words[:max_size]
         return cls(words, lowercase=lowercase)
@@ -126,16 +135,18 @@ class WordTokenizer:
             json.dump(self.to_json(), f)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "WordTokenizer":
+    def load(cls, path: str | os.PathLike) -> WordTokenizer:
         with open(path) as f:
             obj = json.load(f)
         return cls._from_json(obj, path)
 
     @classmethod
-    def _from_json(cls, obj: dict, path) -> "WordTokenizer":
+    def _from_json(cls, obj: dict, path) -> WordTokenizer:
         if obj.get("type") != "word" or list(obj.get("vocab", [])[:5]) != list(SPECIAL_TOKENS):
-            raise ValueError(f"path: {path} is not a saved WordTokenizer (expected type 'word' and "
-                             f"vocab starting with {list(SPECIAL_TOKENS)})")
+            raise ValueError(
+                f"path: {path} is not a saved WordTokenizer (expected type 'word' and "
+                f"vocab starting with {list(SPECIAL_TOKENS)})"
+            )
         return cls(obj["vocab"][5:], lowercase=obj.get("lowercase", True))
 
     def __eq__(self, other) -> bool:
@@ -166,10 +177,17 @@ class HFTokenizer:
         import tokenizers
 
         if not isinstance(tokenizer, tokenizers.Tokenizer):
-            raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+            raise ValueError(
+                f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
+            )
         self._tok = tokenizer
-        self.special_tokens = {"pad": pad_token, "bos": bos_token, "eos": eos_token,
-                               "unk": unk_token, "image": image_token}
+        self.special_tokens = {
+            "pad": pad_token,
+            "bos": bos_token,
+            "eos": eos_token,
+            "unk": unk_token,
+            "image": image_token,
+        }
         missing = [t for t in self.special_tokens.values() if tokenizer.token_to_id(t) is None]
         if missing:
             tokenizer.add_special_tokens(list(dict.fromkeys(missing)))
@@ -179,7 +197,7 @@ class HFTokenizer:
         self._special_ids = {self.pad_id, self.bos_id, self.eos_id, self.image_token_id}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **special_tokens: str) -> "HFTokenizer":
+    def from_file(cls, path: str | os.PathLike, **special_tokens: str) -> HFTokenizer:
         """Loads a Hugging Face ``tokenizer.json`` (local file, no download)."""
         import tokenizers
 
@@ -207,8 +225,11 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=False).strip()
 
     def to_json(self) -> dict:
-        return {"type": "hf", "special_tokens": dict(self.special_tokens),
-                "tokenizer": json.loads(self._tok.to_str())}
+        return {
+            "type": "hf",
+            "special_tokens": dict(self.special_tokens),
+            "tokenizer": json.loads(self._tok.to_str()),
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes ``{"type": "hf", "special_tokens": ..., "tokenizer": <tokenizer.json>}``."""
@@ -216,14 +237,14 @@ class HFTokenizer:
             json.dump(self.to_json(), f)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HFTokenizer":
+    def load(cls, path: str | os.PathLike) -> HFTokenizer:
         """Loads what :meth:`save` wrote, or a plain ``tokenizer.json`` (default special names)."""
         with open(path) as f:
             obj = json.load(f)
         return cls._from_json(obj, path)
 
     @classmethod
-    def _from_json(cls, obj: dict, path) -> "HFTokenizer":
+    def _from_json(cls, obj: dict, path) -> HFTokenizer:
         import tokenizers
 
         if obj.get("type") == "hf":
@@ -238,7 +259,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> WordTokenizer | HFTokenizer:
-    """Loads a saved :class:`WordTokenizer`, a saved :class:`HFTokenizer` or a ``tokenizer.json``."""
+    """Loads a saved :class:`WordTokenizer` or :class:`HFTokenizer`, or a ``tokenizer.json``."""
     if not os.path.isfile(path):
         raise ValueError(f"path: no tokenizer file at {str(path)!r}")
     with open(path) as f:
@@ -258,7 +279,9 @@ def format_question(question: str) -> str:
     return f"{q} ?"
 
 
-def encode_vqa(tokenizer, question: str, answer: str, *, multimodal: bool = True) -> tuple[list[int], int]:
+def encode_vqa(
+    tokenizer, question: str, answer: str, *, multimodal: bool = True
+) -> tuple[list[int], int]:
     """Token ids of ``<bos> [<image>] question ? answer <eos>`` and the prompt length (the
     index of the first answer token). Targets are the ids from the prompt length on."""
     prompt = [tokenizer.bos_id] + ([tokenizer.image_token_id] if multimodal else [])

@@ -1,4 +1,4 @@
-"""``vqa_folder``: a user's folder of images plus JSON-lines annotations, read like the built-in sets.
+"""``vqa_folder``: a user's folder of images plus JSON-lines annotations, read like the others.
 
 Layout: ``<root>/<annotations>`` with one JSON object per line,
 ``{"image": "relative/or/absolute.png", "question": "...", "answer": "..."}`` and optionally
@@ -18,10 +18,12 @@ import numpy as np
 
 from efficient_mllm.data import common
 
-__all__ = ["VqaFolderSource", "read_annotations", "load_vqa_folder"]
+__all__ = ["VqaFolderSource", "load_vqa_folder", "read_annotations"]
 
 
-def read_annotations(path: str | os.PathLike, root: str | os.PathLike, default_split: str = "train") -> list[dict]:
+def read_annotations(
+    path: str | os.PathLike, root: str | os.PathLike, default_split: str = "train"
+) -> list[dict]:
     """Parses and checks a JSON-lines annotation file; image paths become absolute."""
     rows = []
     with open(path) as f:
@@ -31,21 +33,38 @@ def read_annotations(path: str | os.PathLike, root: str | os.PathLike, default_s
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"annotations: {path}:{lineno} is not valid JSON ({e.msg})") from None
+                raise ValueError(
+                    f"annotations: {path}:{lineno} is not valid JSON ({e.msg})"
+                ) from None
             if not isinstance(row, dict):
                 raise ValueError(f"annotations: {path}:{lineno} is not a JSON object")
-            missing = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str)]
+            missing = [
+                k for k in ("image", "question", "answer") if not isinstance(row.get(k), str)
+            ]
             if missing:
-                raise ValueError(f"annotations: {path}:{lineno} needs string fields image, question, "
-                                 f"answer; missing or not strings: {missing}")
-            image = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
+                raise ValueError(
+                    f"annotations: {path}:{lineno} needs string fields image, question, "
+                    f"answer; missing or not strings: {missing}"
+                )
+            image = (
+                row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
+            )
             if not os.path.isfile(image):
-                raise ValueError(f"annotations: {path}:{lineno} names image {row['image']!r}, "
-                                 f"which does not exist under {str(root)!r}")
+                raise ValueError(
+                    f"annotations: {path}:{lineno} names image {row['image']!r}, "
+                    f"which does not exist under {str(root)!r}"
+                )
             split = row.get("split", default_split)
             common.split_id(split)
-            rows.append({"image": image, "question": row["question"], "answer": row["answer"],
-                         "split": split, "question_type": str(row.get("question_type", "default"))})
+            rows.append(
+                {
+                    "image": image,
+                    "question": row["question"],
+                    "answer": row["answer"],
+                    "split": split,
+                    "question_type": str(row.get("question_type", "default")),
+                }
+            )
     return rows
 
 
@@ -74,9 +93,13 @@ class VqaFolderSource:
             if im.size != (self.image_size, self.image_size):
                 im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
             image = np.asarray(im, dtype=np.uint8)
-        return {"image": image, "question": row["question"], "answer": row["answer"],
-                "question_type": self._type_ids[row["question_type"]],
-                "scene": {"image_path": row["image"]}}
+        return {
+            "image": image,
+            "question": row["question"],
+            "answer": row["answer"],
+            "question_type": self._type_ids[row["question_type"]],
+            "scene": {"image_path": row["image"]},
+        }
 
     def __repr__(self) -> str:
         return f"VqaFolderSource({len(self)} records, image_size={self.image_size})"
@@ -99,16 +122,25 @@ def load_vqa_folder(
         per_split = [s for s in common.SPLITS if os.path.isfile(os.path.join(path, f"{s}.jsonl"))]
         if per_split:
             for s in per_split:
-                rows += [dict(r, split=s) for r in read_annotations(os.path.join(path, f"{s}.jsonl"), path, s)]
+                rows += [
+                    dict(r, split=s)
+                    for r in read_annotations(os.path.join(path, f"{s}.jsonl"), path, s)
+                ]
         elif os.path.isfile(os.path.join(path, "annotations.jsonl")):
             rows = read_annotations(os.path.join(path, "annotations.jsonl"), path)
         else:
-            raise ValueError(f"path: {str(path)!r} has no train.jsonl/validation.jsonl/test.jsonl "
-                             "or annotations.jsonl; pass annotations='file.jsonl'")
+            raise ValueError(
+                f"path: {str(path)!r} has no train.jsonl/validation.jsonl/test.jsonl "
+                "or annotations.jsonl; pass annotations='file.jsonl'"
+            )
     if not rows:
         raise ValueError(f"path: the annotations under {str(path)!r} hold no rows")
     qtypes = tuple(sorted({r["question_type"] for r in rows}))
-    sources = {s: VqaFolderSource([r for r in rows if r["split"] == s], image_size=image_size,
-                                  question_types=qtypes)
-               for s in common.SPLITS if any(r["split"] == s for r in rows)}
+    sources = {
+        s: VqaFolderSource(
+            [r for r in rows if r["split"] == s], image_size=image_size, question_types=qtypes
+        )
+        for s in common.SPLITS
+        if any(r["split"] == s for r in rows)
+    }
     return sources, qtypes, rows

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LayerCache", "KVCache"]
+__all__ = ["KVCache", "LayerCache"]
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -64,7 +65,7 @@ class LayerCache:
     @classmethod
     def init(
         cls, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype: Any = jnp.float32
-    ) -> "LayerCache":
+    ) -> LayerCache:
         """An empty cache of ``capacity`` slots per row, zero-filled."""
         batch = _check_positive_int("batch", batch)
         capacity = _check_positive_int("capacity", capacity)
@@ -86,11 +87,11 @@ class LayerCache:
         """Static number of slots per row."""
         return self.k.shape[1]
 
-    def replace(self, **changes: Any) -> "LayerCache":
+    def replace(self, **changes: Any) -> LayerCache:
         """A copy with some fields replaced (e.g. ``length`` after padded prefill, or a press)."""
         return dataclasses.replace(self, **changes)
 
-    def append(self, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
+    def append(self, k_new: jax.Array, v_new: jax.Array) -> LayerCache:
         """Writes ``k_new``/``v_new`` ``[B, T, Nkv, H]`` at slots ``length..length+T-1`` of each
         row and returns the cache with ``length + T``.
 
@@ -100,7 +101,7 @@ class LayerCache:
             raise ValueError(
                 f"k_new and v_new must have the same shape, got {k_new.shape} and {v_new.shape}"
             )
-        b, s, n, h = self.k.shape
+        b, _, n, h = self.k.shape
         if k_new.ndim != 4 or k_new.shape[0] != b or k_new.shape[2:] != (n, h):
             raise ValueError(
                 f"k_new must have shape [{b}, T, {n}, {h}] to match the cache, got {k_new.shape}"
@@ -118,7 +119,9 @@ class LayerCache:
 
     def nbytes(self) -> int:
         """Allocated bytes of this layer (keys, values and lengths); static."""
-        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (self.k, self.v, self.length))
+        return sum(
+            math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (self.k, self.v, self.length)
+        )
 
     def used_nbytes(self) -> jax.Array:
         """Bytes of the filled key/value slots summed over rows (int32 scalar array)."""
@@ -145,7 +148,7 @@ class KVCache:
         kv_heads: int | None = None,
         head_dim: int | None = None,
         dtype: Any = None,
-    ) -> "KVCache":
+    ) -> KVCache:
         """An empty cache.
 
         Args:
@@ -161,7 +164,8 @@ class KVCache:
             for attr in ("depth", "kv_heads", "head_dim"):
                 if not hasattr(config, attr):
                     raise ValueError(
-                        f"config must have depth, kv_heads and head_dim, got {type(config).__name__} "
+                        f"config must have depth, kv_heads and head_dim, got "
+                        f"{type(config).__name__} "
                         f"without {attr!r}"
                     )
             num_layers = config.depth if num_layers is None else num_layers
@@ -184,9 +188,7 @@ class KVCache:
         else:
             capacities = (capacity,) * num_layers
         dtype = jnp.float32 if dtype is None else dtype
-        layers = tuple(
-            LayerCache.init(batch, c, kv_heads, head_dim, dtype) for c in capacities
-        )
+        layers = tuple(LayerCache.init(batch, c, kv_heads, head_dim, dtype) for c in capacities)
         return cls(layers=layers, positions=jnp.zeros((batch,), jnp.int32))
 
     @property
@@ -207,7 +209,7 @@ class KVCache:
         """The smallest layer capacity: how many tokens every layer can still hold at most."""
         return min(self.capacities)
 
-    def replace(self, **changes: Any) -> "KVCache":
+    def replace(self, **changes: Any) -> KVCache:
         return dataclasses.replace(self, **changes)
 
     def check_fits(self, num_tokens: int, *, what: str = "num_tokens") -> None:

@@ -2,9 +2,10 @@
 
 ``generate`` works with an ``MLLM`` (text + optional images) and with a bare ``LanguageModel``
 (text only). The whole request (prefill and the ``lax.while_loop`` of decode steps) is one
-``jax.jit``-compiled function, compiled once per input shape and sampling setting and reused
-across calls; the decode step is traced once, not per step. The loop stops early once every row
-has emitted a stop token.
+``jax.jit``-compiled function, compiled once per input shape, ``max_new_tokens``, cache
+capacity, stop tokens and sampling mode (greedy / sampling / nucleus; the values of
+``temperature`` and ``top_p`` are traced) and reused across calls; the decode step is traced
+once, not per step. The loop stops early once every row has emitted a stop token.
 
 The cache capacity is checked statically before tracing: the (spliced) prompt length plus
 ``max_new_tokens`` must fit, since writes under ``jit`` cannot raise.
@@ -13,7 +14,8 @@ The cache capacity is checked statically before tracing: the (spliced) prompt le
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,31 +38,41 @@ class GenerateOutput(NamedTuple):
 
 
 def sample_logits(
-    logits: jax.Array, rng: jax.Array | None, *, temperature: float = 0.0, top_p: float = 1.0
+    logits: jax.Array,
+    rng: jax.Array | None,
+    *,
+    temperature: float | jax.Array = 0.0,
+    top_p: float | jax.Array = 1.0,
+    greedy: bool | None = None,
+    nucleus: bool | None = None,
 ) -> jax.Array:
     """Picks one token per row from ``logits [B, V]``.
 
-    ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided by ``temperature``,
-    restricted to the smallest set of most likely tokens whose probability reaches ``top_p``
-    (nucleus sampling; the most likely token is always kept, so ``top_p -> 0`` is greedy), and
-    sampled with ``rng``.
+    Greedy (argmax) when ``temperature == 0``. Otherwise the logits are divided by
+    ``temperature``, restricted to the smallest set of most likely tokens whose probability
+    reaches ``top_p`` (nucleus sampling; the most likely token is always kept, so ``top_p -> 0``
+    is greedy), and sampled with ``rng``. ``temperature`` and ``top_p`` may be traced; then pass
+    the static switches ``greedy`` (temperature is 0) and ``nucleus`` (top_p < 1).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if greedy is None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        greedy = temperature == 0
+    if nucleus is None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        nucleus = top_p < 1.0
     logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if rng is None:
         raise ValueError("rng must be a PRNG key when temperature > 0 (sampling)")
     logits = logits / temperature
-    if top_p < 1.0:
+    if nucleus:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p
-        keep = keep.at[:, 0].set(True)
+        keep = (mass_before < top_p).at[:, 0].set(True)
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits >= threshold, logits, -jnp.inf)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
@@ -77,7 +89,7 @@ def _check_model(model: Any) -> None:
     from efficient_mllm.nn.mllm import MLLM
 
     if not isinstance(model, (MLLM, LanguageModel)):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout the package)
             f"model must be an MLLM or a LanguageModel, got {type(model).__name__}"
         )
 
@@ -85,12 +97,31 @@ def _check_model(model: Any) -> None:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "graphdef", "max_new_tokens", "temperature", "top_p", "stop_tokens", "capacity", "pad_id",
+        "graphdef",
+        "max_new_tokens",
+        "greedy",
+        "nucleus",
+        "stop_tokens",
+        "capacity",
+        "pad_id",
     ),
 )
 def _generate_jit(
-    graphdef, state, tokens, images, lengths, rng, *,
-    max_new_tokens, temperature, top_p, stop_tokens, capacity, pad_id,
+    graphdef,
+    state,
+    tokens,
+    images,
+    lengths,
+    rng,
+    temperature,
+    top_p,
+    *,
+    max_new_tokens,
+    greedy,
+    nucleus,
+    stop_tokens,
+    capacity,
+    pad_id,
 ):
     model = nnx.merge(graphdef, state)
     mllm = _is_mllm(model)
@@ -109,17 +140,16 @@ def _generate_jit(
     def body(carry):
         i, logits, cache, out, gen_len, finished = carry
         step_rng = None if rng is None else jax.random.fold_in(rng, i)
-        tok = sample_logits(logits, step_rng, temperature=temperature, top_p=top_p)
+        tok = sample_logits(
+            logits, step_rng, temperature=temperature, top_p=top_p, greedy=greedy, nucleus=nucleus
+        )
         tok = jnp.where(finished, jnp.int32(pad_id), tok)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         gen_len = gen_len + (~finished).astype(jnp.int32)
         finished = finished | (jnp.isin(tok, stop) & bool(stop_tokens))
 
         def step(c):
-            if mllm:
-                return model.decode(tok[:, None], c)
-            new_logits, c = model.decode(tok[:, None], c)
-            return new_logits, c
+            return model.decode(tok[:, None], c)
 
         more = (i + 1 < max_new_tokens) & ~jnp.all(finished)
         logits, cache = jax.lax.cond(more, step, lambda c: (logits, c), cache)
@@ -127,8 +157,12 @@ def _generate_jit(
 
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     carry = (
-        jnp.int32(0), logits.astype(jnp.float32), cache, out,
-        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool),
+        jnp.int32(0),
+        logits.astype(jnp.float32),
+        cache,
+        out,
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), bool),
     )
     _, _, _, out, gen_len, finished = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(tokens=out, lengths=gen_len, finished=finished)
@@ -169,7 +203,11 @@ def generate(
         raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
     tokens = tokens.astype(jnp.int32)
     batch, t = tokens.shape
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
@@ -183,6 +221,7 @@ def generate(
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape [{batch}], got {lengths.shape}")
     if _is_mllm(model):
+        model._check_tokens(tokens, images, lengths)  # placeholders / image shape, eagerly
         prompt_len = model.spliced_length(tokens.shape, None if images is None else images.shape)
     else:
         if images is not None:
@@ -198,8 +237,20 @@ def generate(
         )
     stop_tokens = tuple(int(s) for s in stop_tokens)
     graphdef, state = nnx.split(model)
+    greedy = temperature == 0
     return _generate_jit(
-        graphdef, state, tokens, images, lengths, rng if temperature > 0 else None,
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-        stop_tokens=stop_tokens, capacity=int(cache_capacity), pad_id=int(pad_id),
+        graphdef,
+        state,
+        tokens,
+        images,
+        lengths,
+        None if greedy else rng,
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        max_new_tokens=int(max_new_tokens),
+        greedy=bool(greedy),
+        nucleus=bool(top_p < 1.0),
+        stop_tokens=stop_tokens,
+        capacity=int(cache_capacity),
+        pad_id=int(pad_id),
     )

@@ -30,7 +30,7 @@ from efficient_mllm.nn.layers import Linear
 from efficient_mllm.ops import attention as _attention_ops  # noqa: F401  (registers "softmax")
 from efficient_mllm.ops import rope as rope_ops
 
-__all__ = ["Attention", "query_attention_probs", "apply_positions"]
+__all__ = ["Attention", "apply_positions", "query_attention_probs"]
 
 _CONTEXT_ARGS = ("dim", "num_heads", "num_kv_heads", "head_dim", "dtype", "param_dtype", "rngs")
 _MEAN_PROBS_CHUNK = 256
@@ -66,7 +66,9 @@ def query_attention_probs(q, k, *, key_mask=None, scale=None, softcap=None):
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask, bool)
         if key_mask.shape != (b, t):
-            raise ValueError(f"key_mask shape={tuple(key_mask.shape)}: expected [B, T] = ({b}, {t})")
+            raise ValueError(
+                f"key_mask shape={tuple(key_mask.shape)}: expected [B, T] = ({b}, {t})"
+            )
         logits = jnp.where(key_mask[:, None, None, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no valid key
@@ -128,7 +130,7 @@ class Attention(nnx.Module):
         cfg = cfg.attention_config
         self.cfg = cfg
         d, n, nkv, h, ax = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_axis
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        kw = {"dtype": cfg.compute_dtype, "param_dtype": cfg.weight_dtype, "rngs": rngs}
         self.q = Linear(d, (n, h), axes=(ax, "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
         self.k = Linear(d, (nkv, h), axes=(ax, "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
         self.v = Linear(d, (nkv, h), axes=(ax, "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
@@ -144,7 +146,8 @@ class Attention(nnx.Module):
             )
 
     def qkv(self, x: jax.Array, *, positions=None):
-        """Projected, rotated ``q [B, T, N, H]`` and ``k``, ``v [B, T, Nkv, H]`` of ``x [B, T, D]``."""
+        """Projected, rotated ``q [B, T, N, H]`` and ``k``, ``v [B, T, Nkv, H]`` of
+        ``x [B, T, D]``."""
         self._check_x(x)
         q = apply_positions(self.q(x), positions, self.cfg)
         k = apply_positions(self.k(x), positions, self.cfg)
@@ -183,18 +186,26 @@ class Attention(nnx.Module):
         """
         self._check_x(x)
         b, t, _ = x.shape
-        kw = dict(key_mask=key_mask, scale=self.probe_scale, softcap=self.probe_softcap)
+        kw = {"key_mask": key_mask, "scale": self.probe_scale, "softcap": self.probe_softcap}
         k = apply_positions(self.k(x), positions, self.cfg)
         if isinstance(query_index, (int, np.integer)) and not isinstance(query_index, bool):
             if not -t <= query_index < t:
                 raise ValueError(f"query_index={query_index}: expected an int in [-{t}, {t})")
             i = int(query_index) % t
-            q = apply_positions(self.q(x[:, i : i + 1]), _slice_positions(positions, self.cfg.rope, i), self.cfg)
+            q = apply_positions(
+                self.q(x[:, i : i + 1]), _slice_positions(positions, self.cfg.rope, i), self.cfg
+            )
             return query_attention_probs(q, k, **kw)[:, 0]
         if query_index not in ("mean", "mean_probs"):
-            raise ValueError(f"query_index={query_index!r}: expected an int, 'mean' or 'mean_probs'")
+            raise ValueError(
+                f"query_index={query_index!r}: expected an int, 'mean' or 'mean_probs'"
+            )
         q = apply_positions(self.q(x), positions, self.cfg).astype(jnp.float32)
-        weights = jnp.ones((b, t), jnp.float32) if key_mask is None else jnp.asarray(key_mask, jnp.float32)
+        weights = (
+            jnp.ones((b, t), jnp.float32)
+            if key_mask is None
+            else jnp.asarray(key_mask, jnp.float32)
+        )
         denom = jnp.maximum(weights.sum(axis=1), 1.0)
         if query_index == "mean":
             q_bar = jnp.einsum("btnh,bt->bnh", q, weights) / denom[:, None, None]

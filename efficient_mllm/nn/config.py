@@ -8,12 +8,13 @@ Dtypes are stored as names (``"float32"``, ``"bfloat16"``, ``"float16"``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["AttentionConfig", "BlockConfig", "VisionConfig", "as_dtype", "DTYPES"]
+__all__ = ["DTYPES", "AttentionConfig", "BlockConfig", "VisionConfig", "as_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_KINDS = ("rope", "mrope", "rope2d", "none")
@@ -62,12 +63,15 @@ class _DictMixin:
         if isinstance(d, cls):
             return d
         if not isinstance(d, Mapping):
-            raise ValueError(f"{cls.__name__}.from_dict: expected a mapping, got {type(d).__name__}")
+            raise ValueError(
+                f"{cls.__name__}.from_dict: expected a mapping, got {type(d).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(
-                f"{cls.__name__}.from_dict: unknown key(s) {unknown}; expected keys among {sorted(names)}"
+                f"{cls.__name__}.from_dict: unknown key(s) {unknown}; expected keys among "
+                f"{sorted(names)}"
             )
         return cls(**dict(d))
 
@@ -120,24 +124,32 @@ class AttentionConfig(_DictMixin):
         _pos_int(c, "num_kv_heads", self.num_kv_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"{c}.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+                f"{c}.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
             )
         if self.head_dim is None:
             if self.dim % self.num_heads:
                 raise ValueError(
-                    f"{c}.dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim"
+                    f"{c}.dim={self.dim} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim"
                 )
             _set(self, "head_dim", self.dim // self.num_heads)
         _pos_int(c, "head_dim", self.head_dim)
         _choice(c, "rope", self.rope, ROPE_KINDS)
         need = {"rope": 2, "mrope": 2, "rope2d": 4, "none": 1}[self.rope]
         if self.head_dim % need:
-            raise ValueError(f"{c}.head_dim={self.head_dim} must be divisible by {need} for rope={self.rope!r}")
+            raise ValueError(
+                f"{c}.head_dim={self.head_dim} must be divisible by {need} for rope={self.rope!r}"
+            )
         if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 1:
             raise ValueError(f"{c}.rope_theta={self.rope_theta!r}: expected a number > 1")
         _set(self, "rope_theta", float(self.rope_theta))
         if self.rope_scaling is not None:
-            items = self.rope_scaling.items() if isinstance(self.rope_scaling, Mapping) else self.rope_scaling
+            items = (
+                self.rope_scaling.items()
+                if isinstance(self.rope_scaling, Mapping)
+                else self.rope_scaling
+            )
             try:
                 scaling = tuple(sorted((str(k), v) for k, v in items))
             except (TypeError, ValueError):
@@ -162,9 +174,13 @@ class AttentionConfig(_DictMixin):
                 )
             _set(self, "mrope_sections", sections)
         elif self.mrope_sections is not None:
-            raise ValueError(f"{c}.mrope_sections={self.mrope_sections!r} is set but rope={self.rope!r}")
+            raise ValueError(
+                f"{c}.mrope_sections={self.mrope_sections!r} is set but rope={self.rope!r}"
+            )
         if not isinstance(self.attention, str) or not self.attention.strip():
-            raise ValueError(f"{c}.attention={self.attention!r}: expected a registry.ATTENTION spec string")
+            raise ValueError(
+                f"{c}.attention={self.attention!r}: expected a registry.ATTENTION spec string"
+            )
         if not isinstance(self.embed_axis, str):
             raise ValueError(f"{c}.embed_axis={self.embed_axis!r}: expected a logical axis name")
         _set(self, "dtype", as_dtype(self.dtype).name)
@@ -184,7 +200,7 @@ class AttentionConfig(_DictMixin):
         return jnp.dtype(self.param_dtype)
 
     @property
-    def attention_config(self) -> "AttentionConfig":
+    def attention_config(self) -> AttentionConfig:
         """The attention fields alone (itself for an :class:`AttentionConfig`)."""
         names = [f.name for f in dataclasses.fields(AttentionConfig)]
         return AttentionConfig(**{n: getattr(self, n) for n in names})
@@ -249,7 +265,9 @@ class VisionConfig(_DictMixin):
         if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
             size = (int(size), int(size))
         if not isinstance(size, (tuple, list)) or len(size) != 2:
-            raise ValueError(f"{c}.image_size={self.image_size!r}: expected an int or (height, width)")
+            raise ValueError(
+                f"{c}.image_size={self.image_size!r}: expected an int or (height, width)"
+            )
         for s in size:
             _pos_int(c, "image_size", s)
         _set(self, "image_size", (int(size[0]), int(size[1])))

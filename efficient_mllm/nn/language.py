@@ -22,7 +22,8 @@ advances by the input positions, not by the tokens kept.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,20 +97,28 @@ class LanguageConfig:
             object.__setattr__(self, "head_dim", self.width // self.heads)
         _pos_int("head_dim", self.head_dim)
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"LanguageConfig.rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}")
+            raise ValueError(
+                f"LanguageConfig.rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}"
+            )
         if self.mrope_sections is not None:
-            if isinstance(self.mrope_sections, (str, bytes)) or not hasattr(self.mrope_sections, "__len__"):
+            if isinstance(self.mrope_sections, (str, bytes)) or not hasattr(
+                self.mrope_sections, "__len__"
+            ):
                 raise ValueError(
                     f"LanguageConfig.mrope_sections={self.mrope_sections!r}: expected (t, h, w)"
                 )
             object.__setattr__(self, "mrope_sections", tuple(int(s) for s in self.mrope_sections))
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"LanguageConfig.{name}={getattr(self, name)!r}: expected a bool")
+                raise ValueError(  # noqa: TRY004
+                    f"LanguageConfig.{name}={getattr(self, name)!r}: expected a bool"
+                )
         object.__setattr__(self, "dtype", as_dtype(self.dtype).name)
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype).name)
         if not isinstance(self.attention, str):
-            raise ValueError(f"LanguageConfig.attention={self.attention!r}: expected a spec string")
+            raise ValueError(  # noqa: TRY004
+                f"LanguageConfig.attention={self.attention!r}: expected a spec string"
+            )
         registry.parse_spec(self.attention)
         # The block config validates rope (theta, scaling, sections), norm_eps and head_dim.
         block = self.block_config()
@@ -151,16 +160,19 @@ class LanguageConfig:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LanguageConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> LanguageConfig:
         if isinstance(d, cls):
             return d
         if not isinstance(d, Mapping):
-            raise ValueError(f"LanguageConfig.from_dict: expected a mapping, got {type(d).__name__}")
+            raise ValueError(  # noqa: TRY004
+                f"LanguageConfig.from_dict: expected a mapping, got {type(d).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(
-                f"LanguageConfig.from_dict: unknown key(s) {unknown}; expected keys among {sorted(names)}"
+                f"LanguageConfig.from_dict: unknown key(s) {unknown}; expected keys among "
+                f"{sorted(names)}"
             )
         return cls(**dict(d))
 
@@ -176,7 +188,7 @@ class LanguageConfig:
             out[f.name] = value
         return out
 
-    def replace(self, **changes: Any) -> "LanguageConfig":
+    def replace(self, **changes: Any) -> LanguageConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -199,7 +211,7 @@ class LayerState:
     mask: Any
     extra: dict
 
-    def replace(self, **changes: Any) -> "LayerState":
+    def replace(self, **changes: Any) -> LayerState:
         return dataclasses.replace(self, **changes)
 
 
@@ -237,7 +249,7 @@ class LanguageModel(nnx.Module):
         if isinstance(cfg, Mapping):
             cfg = LanguageConfig.from_dict(cfg)
         if not isinstance(cfg, LanguageConfig):
-            raise ValueError(f"cfg={cfg!r}: expected a LanguageConfig")
+            raise ValueError(f"cfg={cfg!r}: expected a LanguageConfig")  # noqa: TRY004
         self.cfg = cfg
         dtype, pdtype = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=pdtype, rngs=rngs)
@@ -247,8 +259,14 @@ class LanguageModel(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_embeddings
-            else Linear(cfg.width, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
-                        param_dtype=pdtype, rngs=rngs)
+            else Linear(
+                cfg.width,
+                cfg.vocab_size,
+                axes=("embed", "vocab"),
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
         )
 
     # -- pieces ------------------------------------------------------------------------------
@@ -307,7 +325,11 @@ class LanguageModel(nnx.Module):
         inputs = jnp.asarray(inputs)
         if inputs.ndim == 2 and jnp.issubdtype(inputs.dtype, jnp.integer):
             x = self.embed(inputs)
-        elif inputs.ndim == 3 and jnp.issubdtype(inputs.dtype, jnp.floating) and inputs.shape[-1] == cfg.width:
+        elif (
+            inputs.ndim == 3
+            and jnp.issubdtype(inputs.dtype, jnp.floating)
+            and inputs.shape[-1] == cfg.width
+        ):
             x = inputs.astype(cfg.compute_dtype)
         else:
             raise ValueError(
@@ -319,7 +341,8 @@ class LanguageModel(nnx.Module):
             lengths = jnp.asarray(lengths)
             if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
                 raise ValueError(
-                    f"lengths shape={tuple(lengths.shape)} dtype={lengths.dtype}: expected int [{b}]"
+                    f"lengths shape={tuple(lengths.shape)} dtype={lengths.dtype}: "
+                    f"expected int [{b}]"
                 )
             lengths = lengths.astype(jnp.int32)
         if cache is not None:
@@ -331,13 +354,17 @@ class LanguageModel(nnx.Module):
                     f"{cfg.depth} layers and batch {b}"
                 )
         if positions is None:
-            positions = default_positions(b, t, cfg.rope_type, None if cache is None else cache.positions)
+            positions = default_positions(
+                b, t, cfg.rope_type, None if cache is None else cache.positions
+            )
         positions = self._check_positions(positions, b, t)
         if mask is not None:
             mask = masks_lib.as_mask(mask)
 
         token_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-        state = LayerState(positions=positions, lengths=lengths, token_index=token_index, mask=mask, extra={})
+        state = LayerState(
+            positions=positions, lengths=lengths, token_index=token_index, mask=mask, extra={}
+        )
         new_layers = []
         for i, block in enumerate(self.blocks):
             if layer_hook is not None:
@@ -355,7 +382,9 @@ class LanguageModel(nnx.Module):
                 spec = spec & masks_lib.padding(q_offset + cur_t)
             if state.mask is not None:
                 spec = spec & state.mask
-            x, new_cache = block(x, positions=state.positions, mask=spec, q_offset=q_offset, cache=layer_cache)
+            x, new_cache = block(
+                x, positions=state.positions, mask=spec, q_offset=q_offset, cache=layer_cache
+            )
             if cache is not None:
                 added = cur_t if state.lengths is None else state.lengths
                 new_layers.append(new_cache.replace(length=layer_cache.length + added))
@@ -363,7 +392,11 @@ class LanguageModel(nnx.Module):
         x = self.norm(x)
         if state.token_index is not token_index:
             rows = jnp.arange(b)[:, None]
-            x = jnp.zeros((b, t, x.shape[-1]), x.dtype).at[rows, state.token_index].set(x, mode="drop")
+            x = (
+                jnp.zeros((b, t, x.shape[-1]), x.dtype)
+                .at[rows, state.token_index]
+                .set(x, mode="drop")
+            )
         if logits_at is None:
             logits = self.head(x)
         else:
@@ -398,8 +431,14 @@ class LanguageModel(nnx.Module):
         """Writes the prompt ``tokens [B, T]`` (``lengths`` valid per row) into ``cache``;
         returns float32 logits ``[B, V]`` at each row's last valid token and the cache."""
         b, t = jnp.shape(tokens)[:2]
-        last = jnp.full((b,), t - 1, jnp.int32) if lengths is None else jnp.maximum(jnp.asarray(lengths, jnp.int32) - 1, 0)
-        out = self(tokens, positions=positions, lengths=lengths, cache=cache, logits_at=last[:, None])
+        last = (
+            jnp.full((b,), t - 1, jnp.int32)
+            if lengths is None
+            else jnp.maximum(jnp.asarray(lengths, jnp.int32) - 1, 0)
+        )
+        out = self(
+            tokens, positions=positions, lengths=lengths, cache=cache, logits_at=last[:, None]
+        )
         return out.logits[:, 0], out.cache
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -9,7 +9,10 @@ Parameters are stored in ``param_dtype`` (float32 by default) and cast to the co
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +22,29 @@ from efficient_mllm import compat
 
 __all__ = [
     "AXIS_NAMES",
+    "Embed",
+    "GeluMLP",
+    "LayerNorm",
     "Linear",
     "RMSNorm",
-    "LayerNorm",
     "SwiGLUMLP",
-    "GeluMLP",
-    "Embed",
     "activation",
+    "lecun_truncated_normal",
     "make_norm",
+    "normal_init",
 ]
 
-AXIS_NAMES = ("embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "patch", "vision_embed", None)
+AXIS_NAMES = (
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "vocab",
+    "patch",
+    "vision_embed",
+    None,
+)
 
 
 def _dims(name: str, value: Any) -> tuple[int, ...]:
@@ -45,12 +60,30 @@ def _check_axes(axes: Sequence[Any], ndim: int, what: str) -> tuple:
         raise ValueError(f"axes={axes!r}: expected {ndim} logical names for {what}")
     bad = [a for a in axes if a not in AXIS_NAMES]
     if bad:
-        raise ValueError(f"axes={axes!r}: unknown logical name(s) {bad}; expected names in {AXIS_NAMES}")
+        raise ValueError(
+            f"axes={axes!r}: unknown logical name(s) {bad}; expected names in {AXIS_NAMES}"
+        )
     return axes
 
 
 def _rng_key(rngs: nnx.Rngs):
     return rngs.params()
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "n_in", "dtype"))
+def lecun_truncated_normal(key, *, shape: tuple[int, ...], n_in: int, dtype: Any):
+    """Truncated normal (at 2 sigma) with variance ``1 / fan_in``, ``fan_in`` = product of the
+    first ``n_in`` dims (LeCun et al., 1998). Jitted as one program per shape, so eager model
+    construction compiles one kernel per parameter shape instead of one per primitive."""
+    fan_in = math.prod(shape[:n_in])
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated at +-2
+    return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "std", "dtype"))
+def normal_init(key, *, shape: tuple[int, ...], std: float, dtype: Any):
+    """``normal(0, std)`` of a static shape, jitted as one program per shape."""
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
 class Linear(nnx.Module):
@@ -72,25 +105,30 @@ class Linear(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         kernel_init: Callable | None = None,
-        bias_init: Callable = jax.nn.initializers.zeros,
+        bias_init: Callable | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = _dims("in_features", in_features)
         self.out_features = _dims("out_features", out_features)
         n_in, n_out = len(self.in_features), len(self.out_features)
-        axes = _check_axes(axes, n_in + n_out, f"a kernel of shape {self.in_features + self.out_features}")
-        if kernel_init is None:
-            kernel_init = jax.nn.initializers.variance_scaling(
-                1.0,
-                "fan_in",
-                "truncated_normal",
-                in_axis=tuple(range(n_in)),
-                out_axis=tuple(range(n_in, n_in + n_out)),
-            )
+        axes = _check_axes(
+            axes, n_in + n_out, f"a kernel of shape {self.in_features + self.out_features}"
+        )
         shape = self.in_features + self.out_features
-        self.kernel = compat.logical_param(kernel_init(_rng_key(rngs), shape, param_dtype), axes)
+        if kernel_init is None:
+            kernel = lecun_truncated_normal(
+                _rng_key(rngs), shape=shape, n_in=n_in, dtype=jnp.dtype(param_dtype)
+            )
+        else:
+            kernel = kernel_init(_rng_key(rngs), shape, param_dtype)
+        self.kernel = compat.logical_param(kernel, axes)
         self.bias = (
-            compat.logical_param(bias_init(_rng_key(rngs), self.out_features, param_dtype), axes[n_in:])
+            compat.logical_param(
+                jnp.zeros(self.out_features, param_dtype)
+                if bias_init is None
+                else bias_init(_rng_key(rngs), self.out_features, param_dtype),
+                axes[n_in:],
+            )
             if use_bias
             else None
         )
@@ -100,7 +138,8 @@ class Linear(nnx.Module):
         n_in = len(self.in_features)
         if tuple(x.shape[x.ndim - n_in :]) != self.in_features:
             raise ValueError(
-                f"x shape={tuple(x.shape)}: expected trailing dims {self.in_features} for this Linear"
+                f"x shape={tuple(x.shape)}: expected trailing dims {self.in_features} for this "
+                "Linear"
             )
         kernel = self.kernel[...].astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
@@ -128,7 +167,9 @@ class RMSNorm(nnx.Module):
         if not eps > 0:
             raise ValueError(f"eps={eps!r}: expected a positive number")
         self.eps = float(eps)
-        self.scale = compat.logical_param(jnp.ones((self.dim,), param_dtype), _check_axes((axis,), 1, "scale"))
+        self.scale = compat.logical_param(
+            jnp.ones((self.dim,), param_dtype), _check_axes((axis,), 1, "scale")
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -160,7 +201,9 @@ class LayerNorm(nnx.Module):
         self.eps = float(eps)
         axes = _check_axes((axis,), 1, "scale")
         self.scale = compat.logical_param(jnp.ones((self.dim,), param_dtype), axes)
-        self.bias = compat.logical_param(jnp.zeros((self.dim,), param_dtype), axes) if use_bias else None
+        self.bias = (
+            compat.logical_param(jnp.zeros((self.dim,), param_dtype), axes) if use_bias else None
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,7 +244,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 class SwiGLUMLP(nnx.Module):
     """SwiGLU MLP (Shazeer, 2020, "GLU Variants Improve Transformer", arXiv:2002.05202):
-    ``down(silu(gate(x)) * up(x))``; params ``gate``/``up`` ``[embed, mlp]``, ``down [mlp, embed]``."""
+    ``down(silu(gate(x)) * up(x))``; params ``gate``/``up`` ``[embed, mlp]``,
+    ``down [mlp, embed]``."""
 
     def __init__(
         self,
@@ -214,7 +258,7 @@ class SwiGLUMLP(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"use_bias": use_bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.gate = Linear(dim, hidden, axes=(embed_axis, "mlp"), **kw)
         self.up = Linear(dim, hidden, axes=(embed_axis, "mlp"), **kw)
         self.down = Linear(hidden, dim, axes=("mlp", embed_axis), **kw)
@@ -241,7 +285,7 @@ class GeluMLP(nnx.Module):
     ):
         activation(activation_name)  # validates
         self.activation_name = activation_name
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"use_bias": use_bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.fc1 = Linear(dim, hidden, axes=(embed_axis, "mlp"), **kw)
         self.fc2 = Linear(hidden, dim, axes=("mlp", embed_axis), **kw)
 
@@ -266,8 +310,15 @@ class Embed(nnx.Module):
     ):
         (self.vocab,) = _dims("vocab", vocab)
         (self.dim,) = _dims("dim", dim)
-        value = jax.random.normal(_rng_key(rngs), (self.vocab, self.dim), param_dtype) * init_std
-        self.embedding = compat.logical_param(value.astype(param_dtype), _check_axes(("vocab", embed_axis), 2, "embedding"))
+        value = normal_init(
+            _rng_key(rngs),
+            shape=(self.vocab, self.dim),
+            std=float(init_std),
+            dtype=jnp.dtype(param_dtype),
+        )
+        self.embedding = compat.logical_param(
+            value, _check_axes(("vocab", embed_axis), 2, "embedding")
+        )
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -279,5 +330,6 @@ class Embed(nnx.Module):
         """Logits ``[..., vocab]`` of ``x [..., embed]`` against the embedding table."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"x shape={tuple(x.shape)}: expected last dim {self.dim}")
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
-
+        return jnp.einsum(
+            "...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        )

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,10 @@ from efficient_mllm.ops import masks as masks_lib
 from efficient_mllm.ops import rope as rope_ops
 
 __all__ = [
-    "MLLMConfig",
     "MLLM",
-    "MLLMOutput",
     "ImageTokens",
+    "MLLMConfig",
+    "MLLMOutput",
     "Projector",
     "pixel_shuffle",
     "splice_layout",
@@ -61,7 +62,7 @@ _COMPRESSOR_BUILD_ARGS = ("dim", "vision_dim", "grid", "num_tokens", "dtype", "p
 def _is_concrete(x: Any) -> bool:
     try:
         np.asarray(x)
-    except Exception:  # a tracer under jit
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return False
     return True
 
@@ -92,16 +93,22 @@ class MLLMConfig:
         if isinstance(lang, Mapping):
             lang = LanguageConfig.from_dict(lang)
         if not isinstance(lang, LanguageConfig):
-            raise ValueError(f"MLLMConfig.language={self.language!r}: expected a LanguageConfig or dict")
+            raise ValueError(  # noqa: TRY004
+                f"MLLMConfig.language={self.language!r}: expected a LanguageConfig or dict"
+            )
         object.__setattr__(self, "language", lang)
         vis = self.vision
         if isinstance(vis, Mapping):
             vis = VisionConfig.from_dict(vis)
         if vis is not None and not isinstance(vis, VisionConfig):
-            raise ValueError(f"MLLMConfig.vision={self.vision!r}: expected a VisionConfig, dict or None")
+            raise ValueError(
+                f"MLLMConfig.vision={self.vision!r}: expected a VisionConfig, dict or None"
+            )
         object.__setattr__(self, "vision", vis)
         if self.projector not in PROJECTORS:
-            raise ValueError(f"MLLMConfig.projector={self.projector!r}: expected one of {PROJECTORS}")
+            raise ValueError(
+                f"MLLMConfig.projector={self.projector!r}: expected one of {PROJECTORS}"
+            )
         s = self.pixel_shuffle
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
             raise ValueError(f"MLLMConfig.pixel_shuffle={s!r}: expected an int >= 1")
@@ -128,7 +135,8 @@ class MLLMConfig:
         if self.compressor is not None:
             if vis is None:
                 raise ValueError(
-                    f"MLLMConfig.compressor={self.compressor!r} needs a vision config (got vision=None)"
+                    f"MLLMConfig.compressor={self.compressor!r} needs a vision config "
+                    "(got vision=None)"
                 )
             registry.parse_spec(self.compressor)
 
@@ -141,16 +149,19 @@ class MLLMConfig:
         return (gh // self.pixel_shuffle, gw // self.pixel_shuffle)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MLLMConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> MLLMConfig:
         if isinstance(d, cls):
             return d
         if not isinstance(d, Mapping):
-            raise ValueError(f"MLLMConfig.from_dict: expected a mapping, got {type(d).__name__}")
+            raise ValueError(  # noqa: TRY004
+                f"MLLMConfig.from_dict: expected a mapping, got {type(d).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(
-                f"MLLMConfig.from_dict: unknown key(s) {unknown}; expected keys among {sorted(names)}"
+                f"MLLMConfig.from_dict: unknown key(s) {unknown}; expected keys among "
+                f"{sorted(names)}"
             )
         return cls(**dict(d))
 
@@ -165,7 +176,7 @@ class MLLMConfig:
             "compressor": self.compressor,
         }
 
-    def replace(self, **changes: Any) -> "MLLMConfig":
+    def replace(self, **changes: Any) -> MLLMConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -180,7 +191,8 @@ def pixel_shuffle(x: jax.Array, grid: tuple[int, int], factor: int) -> jax.Array
     s = factor
     if n != gh * gw or gh % s or gw % s:
         raise ValueError(
-            f"x shape={tuple(x.shape)} with grid={grid}: expected gh*gw tokens and a grid divisible "
+            f"x shape={tuple(x.shape)} with grid={grid}: expected gh*gw tokens and a grid "
+            "divisible "
             f"by factor={s}"
         )
     if s == 1:
@@ -193,10 +205,18 @@ class Projector(nnx.Module):
     """``mlp2x_gelu``: ``fc2(gelu(fc1(pixel_shuffle(x))))``; params ``fc1 [vision_embed, mlp]``
     and ``fc2 [mlp, embed]``, both with bias."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, pixel_shuffle: int = 1, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        pixel_shuffle: int = 1,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.factor = int(pixel_shuffle)
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"use_bias": True, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.fc1 = Linear(in_dim * self.factor**2, out_dim, axes=("vision_embed", "mlp"), **kw)
         self.fc2 = Linear(out_dim, out_dim, axes=("mlp", "embed"), **kw)
 
@@ -285,7 +305,7 @@ class MLLM(nnx.Module):
         if isinstance(cfg, Mapping):
             cfg = MLLMConfig.from_dict(cfg)
         if not isinstance(cfg, MLLMConfig):
-            raise ValueError(f"cfg={cfg!r}: expected an MLLMConfig")
+            raise ValueError(f"cfg={cfg!r}: expected an MLLMConfig")  # noqa: TRY004
         self.cfg = cfg
         lang = cfg.language
         self.language = LanguageModel(lang, rngs=rngs)
@@ -293,8 +313,14 @@ class MLLM(nnx.Module):
         self.projector = (
             None
             if cfg.vision is None
-            else Projector(cfg.vision.width, lang.width, pixel_shuffle=cfg.pixel_shuffle,
-                           dtype=lang.compute_dtype, param_dtype=jnp.dtype(lang.param_dtype), rngs=rngs)
+            else Projector(
+                cfg.vision.width,
+                lang.width,
+                pixel_shuffle=cfg.pixel_shuffle,
+                dtype=lang.compute_dtype,
+                param_dtype=jnp.dtype(lang.param_dtype),
+                rngs=rngs,
+            )
         )
         self.compressor = None
         if cfg.compressor is not None:
@@ -312,7 +338,11 @@ class MLLM(nnx.Module):
                 "rngs": rngs,
             }
             _, spec_kwargs = registry.parse_spec(cfg.compressor)
-            extra = {k: context[k] for k in _COMPRESSOR_BUILD_ARGS if k in params and k not in spec_kwargs}
+            extra = {
+                k: context[k]
+                for k in _COMPRESSOR_BUILD_ARGS
+                if k in params and k not in spec_kwargs
+            }
             self.compressor = registry.COMPRESSORS.build(cfg.compressor, **extra)
 
     # -- images ------------------------------------------------------------------------------
@@ -332,7 +362,9 @@ class MLLM(nnx.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images dtype={images.dtype}: expected a float array")
 
-    def encode_images(self, images: jax.Array, *, context: Mapping[str, Any] | None = None) -> ImageTokens:
+    def encode_images(
+        self, images: jax.Array, *, context: Mapping[str, Any] | None = None
+    ) -> ImageTokens:
         """``images [B, H, W, C]`` -> :class:`ImageTokens` (vision, projector, compressor).
 
         The compressor is called as ``compressor(tokens [B, N, D], *, positions, grid,
@@ -358,7 +390,7 @@ class MLLM(nnx.Module):
         if cfg.language.rope_type == "mrope":
             rel, nxt = rope_ops.mrope_positions(jnp.ones((1, n), jnp.int32), grid)
             rel = jnp.broadcast_to(rel, (3, b, n))
-            span = gh if gh >= gw else gw
+            span = max(gh, gw)
             del nxt
         else:
             rel = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
@@ -402,7 +434,9 @@ class MLLM(nnx.Module):
                 pos = jnp.take_along_axis(rel, jnp.broadcast_to(idx[None], (3, b, k)), axis=2)
             else:
                 pos = jnp.take_along_axis(rel, idx, axis=1)
-        return ImageTokens(ctoks.astype(tokens.dtype), valid, keep_idx, jnp.asarray(pos, jnp.int32), span)
+        return ImageTokens(
+            ctoks.astype(tokens.dtype), valid, keep_idx, jnp.asarray(pos, jnp.int32), span
+        )
 
     def num_image_slots(self, image_shape: tuple[int, ...] | None = None) -> int:
         """Static ``K``: image tokens spliced per row (after pixel shuffle and compressor)."""
@@ -411,7 +445,11 @@ class MLLM(nnx.Module):
         gh, gw = self.cfg.grid
         if self.compressor is None:
             return gh * gw
-        shape = tuple(image_shape) if image_shape else (1, *self.cfg.vision.image_size, self.cfg.vision.channels)
+        shape = (
+            tuple(image_shape)
+            if image_shape
+            else (1, *self.cfg.vision.image_size, self.cfg.vision.channels)
+        )
         graphdef, state = nnx.split(self)
 
         def f(state, images):
@@ -419,7 +457,9 @@ class MLLM(nnx.Module):
 
         return int(jax.eval_shape(f, state, jax.ShapeDtypeStruct(shape, jnp.float32)).shape[1])
 
-    def spliced_length(self, tokens_shape: tuple[int, ...], images_shape: tuple[int, ...] | None) -> int:
+    def spliced_length(
+        self, tokens_shape: tuple[int, ...], images_shape: tuple[int, ...] | None
+    ) -> int:
         """Static decoder length for a batch: ``T - 1 + K`` with images, ``T`` without."""
         t = int(tokens_shape[1])
         if images_shape is None:
@@ -431,13 +471,17 @@ class MLLM(nnx.Module):
     def _check_tokens(self, tokens, images, lengths):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens dtype={tokens.dtype} shape={tuple(tokens.shape)}: expected int [B, T]")
+            raise ValueError(
+                f"tokens dtype={tokens.dtype} shape={tuple(tokens.shape)}: expected int [B, T]"
+            )
         b, t = tokens.shape
         if lengths is None:
             lengths = jnp.full((b,), t, jnp.int32)
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths shape={tuple(lengths.shape)} dtype={lengths.dtype}: expected int [{b}]")
+            raise ValueError(
+                f"lengths shape={tuple(lengths.shape)} dtype={lengths.dtype}: expected int [{b}]"
+            )
         lengths = lengths.astype(jnp.int32)
         tid = self.cfg.image_token_id
         if images is not None:
@@ -474,7 +518,9 @@ class MLLM(nnx.Module):
         if images is None:
             pos = jnp.arange(t, dtype=jnp.int32)[None, :] + start[:, None]
             positions = jnp.broadcast_to(pos[None], (3, b, t)) if mrope else pos
-            token_types = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], masks_lib.TEXT, masks_lib.PAD)
+            token_types = jnp.where(
+                jnp.arange(t)[None, :] < lengths[:, None], masks_lib.TEXT, masks_lib.PAD
+            )
             aux = {
                 "num_image_tokens": jnp.zeros((b,), jnp.int32),
                 "spliced_lengths": lengths,
@@ -493,7 +539,9 @@ class MLLM(nnx.Module):
         order = jnp.argsort(~img.valid, axis=1, stable=True)
         img_tokens = jnp.take_along_axis(img.tokens, order[:, :, None], axis=1)
         if img.positions.ndim == 3:
-            img_pos = jnp.take_along_axis(img.positions, jnp.broadcast_to(order[None], (3, b, k)), axis=2)
+            img_pos = jnp.take_along_axis(
+                img.positions, jnp.broadcast_to(order[None], (3, b, k)), axis=2
+            )
         else:
             img_pos = jnp.take_along_axis(img.positions, order, axis=1)
         n_img = jnp.where(has, jnp.sum(img.valid, axis=1), 0).astype(jnp.int32)
@@ -514,12 +562,16 @@ class MLLM(nnx.Module):
         p = placeholder[:, None]
         text_pos = jnp.where(text_src < p, text_src, text_src - 1 + span)
         if mrope:
-            img_p = jnp.take_along_axis(img_pos, jnp.broadcast_to(image_src[None], (3, b, seq)), axis=2)
+            img_p = jnp.take_along_axis(
+                img_pos, jnp.broadcast_to(image_src[None], (3, b, seq)), axis=2
+            )
             positions = jnp.where(is_image[None], p[None] + img_p, text_pos[None])
         else:
             img_p = jnp.take_along_axis(img_pos, image_src, axis=1)
             positions = jnp.where(is_image, p + img_p, text_pos)
-        positions = (positions + (start[None, :, None] if mrope else start[:, None])).astype(jnp.int32)
+        positions = (positions + (start[None, :, None] if mrope else start[:, None])).astype(
+            jnp.int32
+        )
 
         valid = jnp.arange(seq)[None, :] < spliced_lengths[:, None]
         token_types = jnp.where(is_image, masks_lib.IMAGE, masks_lib.TEXT)
@@ -578,7 +630,7 @@ class MLLM(nnx.Module):
         and ``aux`` (as in ``__call__``). The cache needs ``spliced_length(...)`` free slots.
         """
         if not isinstance(cache, KVCache):
-            raise ValueError(f"cache={type(cache).__name__}: expected a KVCache")
+            raise ValueError(f"cache={type(cache).__name__}: expected a KVCache")  # noqa: TRY004
         embeds, positions, spliced_lengths, aux = self.embed_inputs(
             tokens, images, lengths, start=cache.positions
         )

@@ -23,19 +23,22 @@ class TransformerBlock(nnx.Module):
         if not isinstance(cfg, BlockConfig):
             raise ValueError(f"cfg={cfg!r}: expected a BlockConfig")
         self.cfg = cfg
-        norm_kw = dict(
-            eps=cfg.norm_eps, axis=cfg.embed_axis, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype
-        )
+        norm_kw = {
+            "eps": cfg.norm_eps,
+            "axis": cfg.embed_axis,
+            "dtype": cfg.compute_dtype,
+            "param_dtype": cfg.weight_dtype,
+        }
         self.attn_norm = make_norm(cfg.norm, cfg.dim, **norm_kw)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = make_norm(cfg.norm, cfg.dim, **norm_kw)
-        mlp_kw = dict(
-            use_bias=cfg.mlp_bias,
-            embed_axis=cfg.embed_axis,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-            rngs=rngs,
-        )
+        mlp_kw = {
+            "use_bias": cfg.mlp_bias,
+            "embed_axis": cfg.embed_axis,
+            "dtype": cfg.compute_dtype,
+            "param_dtype": cfg.weight_dtype,
+            "rngs": rngs,
+        }
         if cfg.mlp == "swiglu":
             self.mlp = SwiGLUMLP(cfg.dim, cfg.mlp_dim, **mlp_kw)
         else:

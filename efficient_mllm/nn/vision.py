@@ -18,7 +18,7 @@ from flax import nnx
 
 from efficient_mllm import compat
 from efficient_mllm.nn.config import VisionConfig
-from efficient_mllm.nn.layers import LayerNorm, Linear
+from efficient_mllm.nn.layers import LayerNorm, Linear, normal_init
 from efficient_mllm.nn.transformer import TransformerBlock
 from efficient_mllm.ops import rope as rope_ops
 
@@ -67,7 +67,8 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 class VisionEncoder(nnx.Module):
     """ViT: params ``patch`` (Linear ``[patch, vision_embed]`` with bias), ``cls [D]``
-    (``use_cls``), ``pos_embedding [num_tokens, D]`` (``pos_embedding="learned"``), ``blocks``
+    (``use_cls``), ``pos_embedding [num_tokens, D]`` (``pos_embedding="learned"``; both
+    normal(0.02) at init), ``blocks``
     (pre-LN, LayerNorm + GELU MLP, non-causal attention) and ``norm`` (final LayerNorm)."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
@@ -85,20 +86,21 @@ class VisionEncoder(nnx.Module):
             param_dtype=pdtype,
             rngs=rngs,
         )
-        init = jax.nn.initializers.truncated_normal(0.02)
-        self.cls = (
-            compat.logical_param(init(rngs.params(), (d,), pdtype), ("vision_embed",))
-            if cfg.use_cls
-            else None
-        )
+
+        def init(shape):
+            return normal_init(rngs.params(), shape=shape, std=0.02, dtype=pdtype)
+
+        self.cls = compat.logical_param(init((d,)), ("vision_embed",)) if cfg.use_cls else None
         self.pos_embedding = (
-            compat.logical_param(init(rngs.params(), (cfg.num_tokens, d), pdtype), (None, "vision_embed"))
+            compat.logical_param(init((cfg.num_tokens, d)), (None, "vision_embed"))
             if cfg.pos_embedding == "learned"
             else None
         )
         block_cfg = cfg.block_config()
         self.blocks = nnx.List([TransformerBlock(block_cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.norm = LayerNorm(d, eps=cfg.norm_eps, axis="vision_embed", dtype=dtype, param_dtype=pdtype)
+        self.norm = LayerNorm(
+            d, eps=cfg.norm_eps, axis="vision_embed", dtype=dtype, param_dtype=pdtype
+        )
 
     def embed(self, images: jax.Array):
         """Token embeddings before the blocks: ``(x [B, T, D], positions, grid)`` where
@@ -143,7 +145,9 @@ class VisionEncoder(nnx.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if return_cls_attention and i == last:
-                row = block.attention_row(x, positions=positions, query_index=0 if n_cls else "mean")
+                row = block.attention_row(
+                    x, positions=positions, query_index=0 if n_cls else "mean"
+                )
                 probe = row[:, n_cls:]
             x, _ = block(x, positions=positions)
         x = self.norm(x)

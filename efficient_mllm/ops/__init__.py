@@ -1,4 +1,10 @@
-"""efficient_mllm.ops: pure reference functions for every mechanism."""
+"""efficient_mllm.ops: pure reference functions for every mechanism.
 
-from efficient_mllm.ops import masks  # noqa: F401
-from efficient_mllm.ops.attention import dot_product_attention  # noqa: F401  (registers "softmax")
+Importing this package registers the ``"softmax"`` attention variant in ``registry.ATTENTION``.
+"""
+
+from efficient_mllm.ops import masks
+from efficient_mllm.ops.attention import IMPLS, dot_product_attention
+from efficient_mllm.ops.masks import MaskSpec
+
+__all__ = ["IMPLS", "MaskSpec", "dot_product_attention", "masks"]

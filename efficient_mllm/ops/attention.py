@@ -103,6 +103,14 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
+def _is_scalar(x) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return True
+    return hasattr(x, "dtype") and jnp.ndim(x) == 0 and jnp.issubdtype(x.dtype, jnp.number)
+
+
 def _validate(q, k, v, mask, bias, scale, softcap, q_offset, impl, return_lse) -> _Request:
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -127,11 +135,10 @@ def _validate(q, k, v, mask, bias, scale, softcap, q_offset, impl, return_lse) -
         raise ValueError(f"q heads ({nq}) must be a multiple of kv heads ({nkv}) for grouped-query attention")
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
-    if scale is not None:
-        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) or jnp.ndim(scale) == 0):
-            raise ValueError(f"scale must be None or a scalar, got {scale!r}")
+    if scale is not None and not _is_scalar(scale):
+        raise ValueError(f"scale must be None or a real scalar, got {scale!r}")
     if softcap is not None:
-        if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) or jnp.ndim(softcap) == 0):
+        if not _is_scalar(softcap):
             raise ValueError(f"softcap must be None or a positive scalar, got {softcap!r}")
         if isinstance(softcap, (int, float)) and not softcap > 0:
             raise ValueError(f"softcap must be positive, got {softcap!r}")

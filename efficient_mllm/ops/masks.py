@@ -59,7 +59,7 @@ TEXT, IMAGE, ANSWER, PAD = 0, 1, 2, 3  # token types for :func:`modality_mutual`
 
 # Above this many predicate evaluations at once, the generic block map walks query-block rows.
 _BLOCK_MAP_CHUNK_ELEMS = 1 << 24
-_BIG = 1 << 30
+_BIG = 1 << 29
 
 
 def _pytree(data: tuple[str, ...], meta: tuple[str, ...] = ()):

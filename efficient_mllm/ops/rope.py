@@ -28,22 +28,24 @@ Everything is computed in float32 and returned in ``x.dtype``. Position ids are 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "rope_inv_freq",
+    "apply_mrope",
+    "apply_rope",
+    "apply_rope_2d",
+    "apply_rotary",
+    "mrope_positions",
+    "rope_2d_positions",
     "rope_attention_factor",
     "rope_cos_sin",
+    "rope_inv_freq",
     "rotate_half",
-    "apply_rotary",
-    "apply_rope",
-    "apply_mrope",
-    "mrope_positions",
-    "apply_rope_2d",
-    "rope_2d_positions",
 ]
 
 _REQUIRED = {
@@ -82,7 +84,8 @@ def _scaling_type(scaling: Mapping[str, Any] | None, theta: float) -> str:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in _REQUIRED:
         raise ValueError(
-            f"scaling rope_type={kind!r}: expected one of {sorted(_REQUIRED)} (scaling={dict(scaling)})"
+            f"scaling rope_type={kind!r}: expected one of {sorted(_REQUIRED)} "
+            f"(scaling={dict(scaling)})"
         )
     missing = [k for k in _REQUIRED[kind] if scaling.get(k) is None]
     if missing:
@@ -154,7 +157,9 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: Mapping[str, A
     return inv_freq.astype(np.float32)
 
 
-def rope_attention_factor(scaling: Mapping[str, Any] | None = None, theta: float = 10000.0) -> float:
+def rope_attention_factor(
+    scaling: Mapping[str, Any] | None = None, theta: float = 10000.0
+) -> float:
     """The factor multiplying cos and sin: 1 except for YaRN (``0.1 ln(factor) + 1``, or
     ``attention_factor``, or the DeepSeek ``mscale / mscale_all_dim`` ratio)."""
     kind = _scaling_type(scaling, _check_theta(theta))
@@ -255,7 +260,12 @@ def apply_mrope(
     _check_x(x)
     b, t = x.shape[:2]
     positions = jnp.asarray(positions)
-    if positions.ndim != 3 or positions.shape[0] != 3 or positions.shape[2] != t or positions.shape[1] not in (1, b):
+    if (
+        positions.ndim != 3
+        or positions.shape[0] != 3
+        or positions.shape[2] != t
+        or positions.shape[1] not in (1, b)
+    ):
         raise ValueError(
             f"positions shape={tuple(positions.shape)}: expected [3, B, T] = (3, {b}, {t})"
         )
@@ -324,11 +334,7 @@ def mrope_positions(token_types, grid: tuple[int, int], *, lengths=None):
 
 
 def _is_concrete(x) -> bool:
-    try:
-        np.asarray(x)
-    except Exception:  # a tracer under jit
-        return False
-    return True
+    return not isinstance(x, jax.core.Tracer)
 
 
 def rope_2d_positions(grid: tuple[int, int], *, batch: int = 1, prefix: int = 0):

@@ -38,7 +38,15 @@ from efficient_mllm.train.step import (
     merge_model,
 )
 
-__all__ = ["Components", "build_components", "Trainer", "train_and_evaluate", "MODEL_KEYS"]
+__all__ = [
+    "Components",
+    "build_components",
+    "resolve_model_config",
+    "Trainer",
+    "train_and_evaluate",
+    "restore_for_eval",
+    "MODEL_KEYS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +104,18 @@ def resolve_model_config(model_cfg: Mapping[str, Any], ds: Any) -> dict:
             f"model.language.vocab_size = {lang['vocab_size']}; expected >= the dataset's "
             f"vocabulary size {ds.vocab_size} (or 0 to use it)"
         )
-    if d.get("image_token_id", -1) in (-1, None) and ds.tokenizer is not None:
-        d["image_token_id"] = int(ds.tokenizer.image_token_id)
     vision = d.get("vision")
     if vision and not ds.multimodal:
-        d["vision"] = None
-    elif vision and vision.get("image_size", 0) in (0, None, [0, 0]):
-        vision["image_size"] = int(ds.image_size)
+        raise ValueError(
+            f"model.vision is set but dataset {ds.name!r} is text-only; expected model.vision = None"
+        )
+    if vision:
+        if vision.get("image_size", 0) in (0, None, [0, 0]):
+            vision["image_size"] = int(ds.image_size)
+        if d.get("image_token_id", -1) in (-1, None):
+            d["image_token_id"] = int(ds.tokenizer.image_token_id)
+    elif d.get("image_token_id", None) == -1:
+        d["image_token_id"] = None
     return d
 
 
@@ -168,9 +181,12 @@ class Trainer:
         *,
         components: Components | None = None,
         devices: Sequence[jax.Device] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        write_outputs: bool = True,
     ):
         self.config = config
         self.workdir = os.fspath(workdir)
+        self.write_outputs = write_outputs
         mesh_lib.initialize_distributed(config.get("distributed"))
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         self.rules = shd.make_rules(config.get("sharding"), mesh_lib.MESH_AXES)
@@ -190,7 +206,7 @@ class Trainer:
         self.train_iter: Iterator = iter(self.components.train_loader)
         ck = config.get("checkpoint") or {}
         self.ckpt = Checkpointer(
-            os.path.join(self.workdir, "checkpoints"),
+            os.fspath(checkpoint_dir) if checkpoint_dir else os.path.join(self.workdir, "checkpoints"),
             max_to_keep=int(ck.get("keep", 3)) or None,
             save_every=int(ck.get("every", 0)),
             async_save=bool(ck.get("async_save", False)),
@@ -201,10 +217,10 @@ class Trainer:
             self.resumed_from = self.step
         out = config.get("output") or {}
         self.writer = MetricsWriter(
-            self.workdir, enabled=_is_main(), tensorboard=bool(out.get("tensorboard", True)),
-            resume_step=self.resumed_from,
+            self.workdir, enabled=_is_main() and write_outputs,
+            tensorboard=bool(out.get("tensorboard", True)), resume_step=self.resumed_from,
         )
-        if _is_main():
+        if _is_main() and write_outputs:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2, sort_keys=True)
                         if hasattr(config, "to_json_best_effort") else json.dumps(config, indent=2))
@@ -420,7 +436,7 @@ class Trainer:
     def finish(self, final: Mapping[str, Any], predictions: Sequence[Mapping] = ()) -> str | None:
         """Writes ``report.md`` and the plots (process 0); returns the report path."""
         self.writer.close()
-        if not _is_main():
+        if not (_is_main() and self.write_outputs):
             return None
         plots = plot_history(self.writer.history, self.workdir)
         perf = dict(self.perf)
@@ -464,3 +480,33 @@ def train_and_evaluate(
     trainer.ckpt.close()
     return {"final": final, "perf": dict(trainer.perf), "report": report,
             "workdir": trainer.workdir, "steps": trainer.step}
+
+
+def restore_for_eval(
+    config: Any,
+    checkpoint: str | os.PathLike,
+    *,
+    step: int | None = None,
+    components: Components | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Trainer:
+    """A read-only :class:`Trainer` holding the checkpoint's state on ``config.mesh``.
+
+    ``checkpoint``: a run directory (holding ``checkpoints/``) or the checkpoints directory
+    itself. The mesh may differ from the one the checkpoint was written on. Nothing is written.
+    """
+    path = os.fspath(checkpoint)
+    ck_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(ck_dir):
+        raise ValueError(f"checkpoint = {path!r}; expected a run directory or a checkpoints directory")
+    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    if hasattr(config, "unlock"):
+        config.unlock()
+        config.checkpoint.resume = False
+        config.lock()
+    t = Trainer(config, path, components=components, devices=devices, checkpoint_dir=ck_dir,
+                write_outputs=False)
+    if t.ckpt.latest_step() is None:
+        raise ValueError(f"checkpoint = {path!r}: no checkpoint found in {ck_dir!r}")
+    t.restore(step)
+    return t

@@ -24,7 +24,9 @@ def check_answer(question, scene):
         return f"r{where[0][0]}c{where[0][1]}"
     if m := re.fullmatch(r"how many times does the digit (\d) appear", question):
         return str(sum(d == int(m[1]) for d in at.values()))
-    if m := re.fullmatch(r"is the digit at row (\d+) column (\d+) larger than the digit to its right", question):
+    if m := re.fullmatch(
+        r"is the digit at row (\d+) column (\d+) larger than the digit to its right", question
+    ):
         r, c = int(m[1]), int(m[2])
         return "yes" if at[(r, c)] > at[(r, c + 1)] else "no"
     raise AssertionError(f"unrecognised question {question!r}")
@@ -63,9 +65,13 @@ def test_digit_pools_disjoint_and_respected():
     assert not pools["validation"] & pools["test"]
     assert set().union(*pools.values()) == set(range(1797))
     cfg = DigitGridConfig(rows=3, cols=3)
-    for split in pools:
-        used = {c["source_index"] for i in range(30) for c in dg.generate_example(cfg, split, i)["scene"]["cells"]}
-        assert used <= pools[split], split
+    for split, pool in pools.items():
+        used = {
+            c["source_index"]
+            for i in range(30)
+            for c in dg.generate_example(cfg, split, i)["scene"]["cells"]
+        }
+        assert used <= pool, split
 
 
 def test_determinism():
@@ -77,13 +83,16 @@ def test_determinism():
     assert a["image"].tobytes() != c["image"].tobytes()
 
 
-@pytest.mark.parametrize("knobs, arg", [
-    (dict(rows=9), "rows"),
-    (dict(image_size=32, rows=8, cols=8), "image_size"),
-    (dict(fill=1.5), "fill"),
-    (dict(question_types=("compare",), cols=1), "question_types"),
-    (dict(question_types=("where",)), "question_types"),
-])
+@pytest.mark.parametrize(
+    "knobs, arg",
+    [
+        (dict(rows=9), "rows"),
+        (dict(image_size=32, rows=8, cols=8), "image_size"),
+        (dict(fill=1.5), "fill"),
+        (dict(question_types=("compare",), cols=1), "question_types"),
+        (dict(question_types=("where",)), "question_types"),
+    ],
+)
 def test_bad_knobs_raise(knobs, arg):
     with pytest.raises(ValueError, match=arg):
         DigitGridConfig(**knobs)

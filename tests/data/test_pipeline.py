@@ -3,16 +3,34 @@
 import numpy as np
 import pytest
 
-from efficient_mllm.data import HOST_FIELDS, make_loader, split_host_fields
-from efficient_mllm.data.tokenizer import WordTokenizer
+from efficient_mllm.data import (
+    HOST_FIELDS,
+    HFTokenizer,
+    make_loader,
+    split_host_fields,
+    synthetic_tokenizer,
+)
 
-ARRAY_FIELDS = {"tokens": np.int32, "loss_mask": np.float32, "lengths": np.int32,
-                "prompt_lengths": np.int32, "question_type": np.int32, "index": np.int32}
+ARRAY_FIELDS = {
+    "tokens": np.int32,
+    "loss_mask": np.float32,
+    "lengths": np.int32,
+    "prompt_lengths": np.int32,
+    "question_type": np.int32,
+    "index": np.int32,
+}
 
 
 def _loader(ds, split="train", **kw):
-    args = dict(batch_size=8, seq_len=ds.max_length + 3, shuffle=True, seed=0, num_epochs=1,
-                shard_index=0, shard_count=1)
+    args = dict(
+        batch_size=8,
+        seq_len=ds.max_length + 3,
+        shuffle=True,
+        seed=0,
+        num_epochs=1,
+        shard_index=0,
+        shard_count=1,
+    )
     args.update(kw)
     return make_loader(ds[split], ds.tokenizer, **args)
 
@@ -76,8 +94,9 @@ def test_shards_are_disjoint_and_cover(shapes_ds):
     n = len(shapes_ds["train"])
     seen = []
     for shard in range(3):
-        idx = np.concatenate([b["index"] for b in _loader(shapes_ds, batch_size=1, shard_index=shard,
-                                                            shard_count=3)])
+        idx = np.concatenate(
+            [b["index"] for b in _loader(shapes_ds, batch_size=1, shard_index=shard, shard_count=3)]
+        )
         assert len(idx) == n // 3 and len(set(idx.tolist())) == len(idx)
         seen.append(set(idx.tolist()))
     assert not seen[0] & seen[1] and not seen[0] & seen[2] and not seen[1] & seen[2]
@@ -95,9 +114,14 @@ def test_epochs_shuffle_and_remainder(shapes_ds):
     flat = np.concatenate(two)
     assert len(flat) == 2 * n and sorted(flat[:n]) == list(range(n))
     assert not np.array_equal(flat[:n], np.arange(n)) and not np.array_equal(flat[:n], flat[n:])
-    ordered = np.concatenate([b["index"] for b in _loader(shapes_ds, "validation", batch_size=8, shuffle=False)])
+    ordered = np.concatenate(
+        [b["index"] for b in _loader(shapes_ds, "validation", batch_size=8, shuffle=False)]
+    )
     assert np.array_equal(ordered, np.arange(n))
-    sizes = [len(b["index"]) for b in _loader(shapes_ds, "validation", batch_size=16, drop_remainder=False)]
+    sizes = [
+        len(b["index"])
+        for b in _loader(shapes_ds, "validation", batch_size=16, drop_remainder=False)
+    ]
     assert sizes == [16, 16, 8]
     assert [len(b["index"]) for b in _loader(shapes_ds, "validation", batch_size=16)] == [16, 16]
 
@@ -109,7 +133,13 @@ def test_overlong_sequence_raises(shapes_ds):
 
 
 def test_mqar_batches(mqar_ds):
-    b = next(iter(make_loader(mqar_ds["train"], None, batch_size=4, seq_len=64, shard_index=0, shard_count=1)))
+    b = next(
+        iter(
+            make_loader(
+                mqar_ds["train"], None, batch_size=4, seq_len=64, shard_index=0, shard_count=1
+            )
+        )
+    )
     assert "image" not in b and b["tokens"].shape == (4, 64) and b["tokens"].dtype == np.int32
     for r in range(4):
         rec = mqar_ds["train"][int(b["index"][r])]
@@ -120,22 +150,41 @@ def test_mqar_batches(mqar_ds):
         assert " ".join(map(str, b["tokens"][r][b["loss_mask"][r] == 1])) == b["answer_text"][r]
 
 
-def test_hf_style_tokenizer_in_pipeline(shapes_ds):
-    rows = [shapes_ds["train"][i] for i in range(len(shapes_ds["train"]))]
-    tok = WordTokenizer.from_texts([r["question"].decode() + " ?" for r in rows] + [r["answer"].decode() for r in rows])
-    b = next(iter(make_loader(shapes_ds["train"], tok, batch_size=4, seq_len=20, shard_index=0, shard_count=1)))
+def test_hf_tokenizer_in_pipeline(shapes_ds):
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    words = synthetic_tokenizer().vocab[5:]
+    hf = tokenizers.Tokenizer(
+        models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]")
+    )
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = HFTokenizer(hf, unk_token="[UNK]")
+    assert tok.pad_id != 0  # padding must use the tokenizer's pad id
+    b = next(
+        iter(
+            make_loader(
+                shapes_ds["train"], tok, batch_size=4, seq_len=20, shard_index=0, shard_count=1
+            )
+        )
+    )
     for r in range(4):
+        n = b["lengths"][r]
+        assert (b["tokens"][r, n:] == tok.pad_id).all() and b["tokens"][r, 1] == tok.image_token_id
         assert tok.decode(b["tokens"][r][b["loss_mask"][r] == 1]) == b["answer_text"][r]
 
 
-@pytest.mark.parametrize("kw, arg", [
-    (dict(batch_size=0), "batch_size"),
-    (dict(seq_len=-1), "seq_len"),
-    (dict(num_epochs=0), "num_epochs"),
-    (dict(shard_index=3, shard_count=2), "shard_index"),
-    (dict(shard_index=0, shard_count=None), "shard_index"),
-    (dict(image_size=(1, 2, 3)), "image_size"),
-])
+@pytest.mark.parametrize(
+    "kw, arg",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(seq_len=-1), "seq_len"),
+        (dict(num_epochs=0), "num_epochs"),
+        (dict(shard_index=3, shard_count=2), "shard_index"),
+        (dict(shard_index=0, shard_count=None), "shard_index"),
+        (dict(image_size=(1, 2, 3)), "image_size"),
+    ],
+)
 def test_bad_loader_arguments(shapes_ds, kw, arg):
     args = dict(batch_size=2, seq_len=32, shard_index=0, shard_count=1)
     args.update(kw)

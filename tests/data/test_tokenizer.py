@@ -75,11 +75,19 @@ def test_hf_tokenizer_adds_missing_specials_and_saves(tmp_path):
     assert tok.vocab_size == 12
     ids = tok.encode("what color is the circle ?")
     assert ids == [1, 2, 3, 4, 5, 7]
-    assert tok.decode([tok.bos_id, tok.image_token_id] + ids + [tok.eos_id, tok.pad_id]) == "what color is the circle ?"
+    assert (
+        tok.decode([tok.bos_id, tok.image_token_id] + ids + [tok.eos_id, tok.pad_id])
+        == "what color is the circle ?"
+    )
     tok.save(tmp_path / "saved.json")
     again = load_tokenizer(tmp_path / "saved.json")
     assert isinstance(again, HFTokenizer)
-    assert (again.pad_id, again.eos_id, again.unk_id, again.image_token_id) == (tok.pad_id, tok.eos_id, 0, tok.image_token_id)
+    assert (again.pad_id, again.eos_id, again.unk_id, again.image_token_id) == (
+        tok.pad_id,
+        tok.eos_id,
+        0,
+        tok.image_token_id,
+    )
     assert again.encode("red circle") == [6, 5]
     plain = load_tokenizer(path)  # a plain tokenizer.json, default special names
     assert isinstance(plain, HFTokenizer) and plain.encode("red") == [6]
@@ -89,7 +97,18 @@ def test_encode_vqa_prompt_format():
     tok = synthetic_tokenizer()
     ids, prompt_len = encode_vqa(tok, "what color is the circle", "red")
     words = tok.decode(ids, skip_special=False).split()
-    assert words == ["<bos>", "<image>", "what", "color", "is", "the", "circle", "?", "red", "<eos>"]
+    assert words == [
+        "<bos>",
+        "<image>",
+        "what",
+        "color",
+        "is",
+        "the",
+        "circle",
+        "?",
+        "red",
+        "<eos>",
+    ]
     assert prompt_len == 8 and tok.decode(ids[prompt_len:]) == "red"
     assert tok.unk_id not in ids
     text_only, n = encode_vqa(tok, "is there a red circle?", "yes", multimodal=False)
@@ -99,15 +118,30 @@ def test_encode_vqa_prompt_format():
         encode_vqa(tok, "what", "  ")
 
 
-@pytest.mark.parametrize("module, cfg", [
-    ("shapes", dict(image_size=64, min_objects=2, max_objects=7, min_object_size=0.15, max_object_size=0.2)),
-    ("digits", dict(image_size=128, rows=8, cols=8, fill=0.6)),
-])
+@pytest.mark.parametrize(
+    "module, cfg",
+    [
+        (
+            "shapes",
+            dict(
+                image_size=64,
+                min_objects=2,
+                max_objects=7,
+                min_object_size=0.15,
+                max_object_size=0.2,
+            ),
+        ),
+        ("digits", dict(image_size=128, rows=8, cols=8, fill=0.6)),
+    ],
+)
 def test_synthetic_vocabulary_covers_every_question(module, cfg):
     from efficient_mllm.data import DigitGridConfig, ShapesVQAConfig, digit_grid_vqa, shapes_vqa
 
-    mod, config = ((shapes_vqa, ShapesVQAConfig(**cfg)) if module == "shapes"
-                   else (digit_grid_vqa, DigitGridConfig(**cfg)))
+    mod, config = (
+        (shapes_vqa, ShapesVQAConfig(**cfg))
+        if module == "shapes"
+        else (digit_grid_vqa, DigitGridConfig(**cfg))
+    )
     tok = synthetic_tokenizer()
     longest = 0
     for i in range(300):

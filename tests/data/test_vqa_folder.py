@@ -19,8 +19,12 @@ def _make_folder(root, n=12, split_field=True):
         name = list(COLOURS)[i % 3]
         size = (20 + i, 30 + 2 * i)  # different sizes: all are resized
         Image.new("RGB", size, COLOURS[name]).save(root / "imgs" / f"{i}.png")
-        row = {"image": f"imgs/{i}.png", "question": "What colour is this picture?", "answer": name,
-               "question_type": "colour" if i % 2 else "other"}
+        row = {
+            "image": f"imgs/{i}.png",
+            "question": "What colour is this picture?",
+            "answer": name,
+            "question_type": "colour" if i % 2 else "other",
+        }
         if split_field:
             row["split"] = "train" if i < 8 else "test"
         lines.append(json.dumps(row))
@@ -35,8 +39,15 @@ def test_round_trip_through_pipeline(tmp_path):
     rec = ds["train"][1]
     assert rec["image"].shape == (16, 16, 3) and rec["image"].dtype == np.uint8
     assert tuple(rec["image"][8, 8]) == COLOURS[rec["answer"]] and rec["question_type"] == 0
-    loader = make_loader(ds["train"], ds.tokenizer, batch_size=4, seq_len=ds.max_length, shuffle=False,
-                         shard_index=0, shard_count=1)
+    loader = make_loader(
+        ds["train"],
+        ds.tokenizer,
+        batch_size=4,
+        seq_len=ds.max_length,
+        shuffle=False,
+        shard_index=0,
+        shard_count=1,
+    )
     seen = 0
     for b in loader:
         assert b["image"].shape == (4, 16, 16, 3)
@@ -67,14 +78,17 @@ def test_bad_folders_raise(tmp_path):
         build_dataset("vqa_folder", path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="path"):
         build_dataset("vqa_folder", path=str(tmp_path))  # no annotations
-    (tmp_path / "annotations.jsonl").write_text(json.dumps({"image": "x.png", "question": "q", "answer": "a"}))
+    (tmp_path / "annotations.jsonl").write_text(
+        json.dumps({"image": "x.png", "question": "q", "answer": "a"})
+    )
     with pytest.raises(ValueError, match="annotations.*x.png"):
         build_dataset("vqa_folder", path=str(tmp_path))
     Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
     (tmp_path / "annotations.jsonl").write_text(json.dumps({"image": "x.png", "question": "q"}))
     with pytest.raises(ValueError, match="answer"):
         build_dataset("vqa_folder", path=str(tmp_path))
-    (tmp_path / "annotations.jsonl").write_text(json.dumps({"image": "x.png", "question": "q", "answer": "a",
-                                                            "split": "dev"}))
+    (tmp_path / "annotations.jsonl").write_text(
+        json.dumps({"image": "x.png", "question": "q", "answer": "a", "split": "dev"})
+    )
     with pytest.raises(ValueError, match="split"):
         build_dataset("vqa_folder", path=str(tmp_path))

@@ -71,7 +71,9 @@ def test_norms_match_numpy_and_keep_fp32_statistics():
     ln = LayerNorm(8, eps=1e-5)
     ln.scale[...], ln.bias[...] = _rand((8,), 3), _rand((8,), 4)
     xc = _np(x) - _np(x).mean(-1, keepdims=True)
-    ref = xc / np.sqrt((xc**2).mean(-1, keepdims=True) + 1e-5) * _np(ln.scale[...]) + _np(ln.bias[...])
+    ref = xc / np.sqrt((xc**2).mean(-1, keepdims=True) + 1e-5) * _np(ln.scale[...]) + _np(
+        ln.bias[...]
+    )
     np.testing.assert_allclose(_np(ln(x)), ref, atol=1e-5)
     big = jnp.full((1, 8), 300.0, jnp.bfloat16)  # squares overflow nothing in fp32
     out = RMSNorm(8, dtype=jnp.bfloat16)(big)
@@ -97,7 +99,10 @@ def test_mlps_and_embed():
     tok = jnp.array([[1, 5, 10]])
     np.testing.assert_allclose(_np(emb(tok)), _np(emb.embedding[...])[[1, 5, 10]][None])
     assert emb.attend(emb(tok)).shape == (1, 3, 11)
-    assert tuple(nnx.get_partition_spec(nnx.state(emb))["embedding"].get_value()) == ("vocab", "embed")
+    assert tuple(nnx.get_partition_spec(nnx.state(emb))["embedding"].get_value()) == (
+        "vocab",
+        "embed",
+    )
     with pytest.raises(ValueError, match="integer"):
         emb(jnp.ones((1, 2)))
     with pytest.raises(ValueError, match="activation"):
@@ -109,7 +114,11 @@ def test_mlps_and_embed():
 
 def test_configs_round_trip_and_hash():
     a = AttentionConfig(
-        dim=32, num_heads=4, num_kv_heads=2, rope="mrope", mrope_sections=[2, 1, 1],
+        dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        rope="mrope",
+        mrope_sections=[2, 1, 1],
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     )
     assert a.head_dim == 8 and a.mrope_sections == (2, 1, 1)
@@ -131,16 +140,49 @@ def test_configs_round_trip_and_hash():
         (lambda: AttentionConfig(dim=32, num_heads=4, num_kv_heads=3), "multiple"),
         (lambda: AttentionConfig(dim=30, num_heads=4), "divisible"),
         (lambda: AttentionConfig(dim=32, num_heads=4, rope="mrope"), "mrope_sections"),
-        (lambda: AttentionConfig(dim=32, num_heads=4, rope="mrope", mrope_sections=(1, 1, 1)), "head_dim // 2"),
+        (
+            lambda: AttentionConfig(dim=32, num_heads=4, rope="mrope", mrope_sections=(1, 1, 1)),
+            "head_dim // 2",
+        ),
         (lambda: AttentionConfig(dim=32, num_heads=4, rope="alibi"), "rope"),
         (lambda: AttentionConfig(dim=32, num_heads=4, dtype="int8"), "dtype"),
-        (lambda: AttentionConfig(dim=32, num_heads=4, rope_scaling={"rope_type": "linear"}), "factor"),
+        (
+            lambda: AttentionConfig(dim=32, num_heads=4, rope_scaling={"rope_type": "linear"}),
+            "factor",
+        ),
         (lambda: AttentionConfig.from_dict({"dim": 8, "num_heads": 2, "heads": 2}), "unknown"),
         (lambda: BlockConfig(dim=32, num_heads=4, mlp_dim=64, norm="batchnorm"), "norm"),
         (lambda: BlockConfig(dim=32, num_heads=4, mlp_dim=0), "mlp_dim"),
-        (lambda: VisionConfig(image_size=30, patch_size=4, width=32, depth=1, heads=2, mlp_dim=8), "divisible"),
-        (lambda: VisionConfig(image_size=32, patch_size=4, width=20, depth=1, heads=2, mlp_dim=8, pos_embedding="rope2d"), "divisible by 4"),
-        (lambda: VisionConfig(image_size=32, patch_size=4, width=32, depth=1, heads=2, mlp_dim=8, pos_embedding="sincos"), "pos_embedding"),
+        (
+            lambda: VisionConfig(
+                image_size=30, patch_size=4, width=32, depth=1, heads=2, mlp_dim=8
+            ),
+            "divisible",
+        ),
+        (
+            lambda: VisionConfig(
+                image_size=32,
+                patch_size=4,
+                width=20,
+                depth=1,
+                heads=2,
+                mlp_dim=8,
+                pos_embedding="rope2d",
+            ),
+            "divisible by 4",
+        ),
+        (
+            lambda: VisionConfig(
+                image_size=32,
+                patch_size=4,
+                width=32,
+                depth=1,
+                heads=2,
+                mlp_dim=8,
+                pos_embedding="sincos",
+            ),
+            "pos_embedding",
+        ),
     ],
 )
 def test_config_validation(make, match):
@@ -170,7 +212,9 @@ def _np_attention(q, k, v, allowed):
 
 def _attn(rope="rope", **kw):
     extra = {"mrope_sections": (2, 1, 1)} if rope == "mrope" else {}
-    cfg = AttentionConfig(dim=16, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, rope=rope, **extra, **kw)
+    cfg = AttentionConfig(
+        dim=16, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, rope=rope, **extra, **kw
+    )
     return Attention(cfg, rngs=nnx.Rngs(0))
 
 
@@ -178,10 +222,15 @@ def test_attention_matches_numpy_gqa_causal():
     m = _attn()
     x = _rand((2, 6, 16))
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-    y, cache = m(x, positions=pos, mask=masks.causal())
+
+    @nnx.jit
+    def run(mod, xx):
+        y, cache = mod(xx, positions=pos, mask=masks.causal())
+        return y, cache, mod.qkv(xx, positions=pos), rope_ops.apply_rope(mod.q(xx), pos)
+
+    y, cache, qkv, ref_q = run(m, x)
     assert cache is None and y.shape == (2, 6, 16)
-    q, k, v = (_np(a) for a in m.qkv(x, positions=pos))
-    ref_q = rope_ops.apply_rope(m.q(x), pos)
+    q, k, v = (_np(a) for a in qkv)
     np.testing.assert_allclose(q, _np(ref_q), atol=1e-6)
     out, _ = _np_attention(q, k, v, np.tril(np.ones((6, 6), bool))[None])
     ref = np.einsum("btnh,nhd->btd", out, _np(m.o.kernel[...]))
@@ -231,20 +280,29 @@ def test_attention_row_probes_match_full_softmax(monkeypatch):
     m = _attn("rope2d")
     x = _rand((2, 9, 16), 4)
     pos = rope_ops.rope_2d_positions((3, 3), batch=2)
-    q, k, _ = (_np(a) for a in m.qkv(x, positions=pos))
+    key_mask = jnp.arange(9)[None, :] < jnp.array([[9], [6]])
+    monkeypatch.setattr(attn_mod, "_MEAN_PROBS_CHUNK", 4)  # 9 queries: chunks 4 + 4 + 1 (padded)
+
+    @nnx.jit
+    def run(mod, xx):
+        rows = {
+            str(qi): mod.attention_row(xx, positions=pos, query_index=qi)
+            for qi in (4, -1, "mean", "mean_probs")
+        }
+        rows["masked"] = mod.attention_row(xx, positions=pos, query_index=0, key_mask=key_mask)
+        return rows, mod.qkv(xx, positions=pos)
+
+    rows, qkv = run(m, x)
+    q, k, _ = (_np(a) for a in qkv)
     _, p = _np_attention(q, k, k, np.ones((1, 9, 9), bool))
     full = p.mean(axis=1)  # [B, T, S]
-    np.testing.assert_allclose(_np(m.attention_row(x, positions=pos, query_index=4)), full[:, 4], atol=1e-5)
-    np.testing.assert_allclose(_np(m.attention_row(x, positions=pos, query_index=-1)), full[:, 8], atol=1e-5)
-    monkeypatch.setattr(attn_mod, "_MEAN_PROBS_CHUNK", 4)  # 9 queries: chunks 4 + 4 + 1 (padded)
-    np.testing.assert_allclose(
-        _np(m.attention_row(x, positions=pos, query_index="mean_probs")), full.mean(axis=1), atol=1e-5
-    )
+    np.testing.assert_allclose(_np(rows["4"]), full[:, 4], atol=1e-5)
+    np.testing.assert_allclose(_np(rows["-1"]), full[:, 8], atol=1e-5)
+    np.testing.assert_allclose(_np(rows["mean_probs"]), full.mean(axis=1), atol=1e-5)
     q_bar = q.mean(axis=1, keepdims=True)
     _, pm = _np_attention(q_bar, k, k, np.ones((1, 1, 9), bool))
-    np.testing.assert_allclose(_np(m.attention_row(x, positions=pos, query_index="mean")), pm.mean(1)[:, 0], atol=1e-5)
-    key_mask = jnp.arange(9)[None, :] < jnp.array([[9], [6]])
-    row = m.attention_row(x, positions=pos, query_index=0, key_mask=key_mask)
+    np.testing.assert_allclose(_np(rows["mean"]), pm.mean(1)[:, 0], atol=1e-5)
+    row = rows["masked"]
     assert float(jnp.abs(row[1, 6:]).max()) == 0.0
     np.testing.assert_allclose(_np(row.sum(-1)), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="query_index"):
@@ -311,9 +369,15 @@ def test_block_is_prenorm_residual(norm, mlp):
     blk = TransformerBlock(cfg, rngs=nnx.Rngs(0))
     x = _rand((2, 5, 16))
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    y, _ = blk(x, positions=pos, mask=masks.causal())
-    h = x + blk.attn(blk.attn_norm(x), positions=pos, mask=masks.causal())[0]
-    np.testing.assert_allclose(_np(y), _np(h + blk.mlp(blk.mlp_norm(h))), atol=1e-5)
+
+    @nnx.jit
+    def run(mod, xx):
+        y, _ = mod(xx, positions=pos, mask=masks.causal())
+        h = xx + mod.attn(mod.attn_norm(xx), positions=pos, mask=masks.causal())[0]
+        return y, h + mod.mlp(mod.mlp_norm(h))
+
+    y, ref = run(blk, x)
+    np.testing.assert_allclose(_np(y), _np(ref), atol=1e-5)
     specs = nnx.get_partition_spec(nnx.state(blk))
     assert tuple(specs["attn"]["k"]["kernel"].get_value()) == ("embed", "kv_heads", "head_dim")
 

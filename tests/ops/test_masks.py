@@ -169,7 +169,7 @@ def _offsets(rng, batch, kind):
     return jnp.asarray(o), o.astype(np.int64)
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=20)
 @given(
     batch=st.integers(1, 3),
     q_len=st.integers(1, 13),

@@ -13,10 +13,10 @@ from efficient_mllm.ops import rope
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, Qwen2VLConfig  # noqa: E402
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-from transformers.models.llama import modeling_llama  # noqa: E402
-from transformers.models.qwen2_vl import modeling_qwen2_vl as hf_qwen2vl  # noqa: E402
+from transformers import LlamaConfig, Qwen2VLConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama import modeling_llama
+from transformers.models.qwen2_vl import modeling_qwen2_vl as hf_qwen2vl
 
 SCALINGS = {
     "default": None,
@@ -113,7 +113,11 @@ def _qwen2vl_cos_sin(theta, sections, head_dim, positions):
             "hidden_size": head_dim * 2,
             "num_attention_heads": 2,
             "num_key_value_heads": 2,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta, "mrope_section": list(sections)},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": theta,
+                "mrope_section": list(sections),
+            },
         }
     )
     emb = hf_qwen2vl.Qwen2VLRotaryEmbedding(cfg.text_config)
@@ -138,15 +142,23 @@ def test_mrope_reduces_to_rope_when_axes_agree():
     x = jnp.asarray(rng.standard_normal((2, 7, 2, 16)), jnp.float32)
     p = jnp.asarray(rng.integers(0, 99, size=(2, 7)))
     out = rope.apply_mrope(x, jnp.stack([p, p, p]), sections=(2, 3, 3), theta=1e4)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(rope.apply_rope(x, p, theta=1e4)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(rope.apply_rope(x, p, theta=1e4)), atol=1e-6
+    )
 
 
 def _hf_rope_index(input_types, grid):
     """Hugging Face Qwen2-VL get_rope_index on a stand-in ``self`` (spatial merge 1)."""
-    fake = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=types.SimpleNamespace(spatial_merge_size=1)))
-    fake.get_vision_position_ids = functools.partial(hf_qwen2vl.Qwen2VLModel.get_vision_position_ids, fake)
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(vision_config=types.SimpleNamespace(spatial_merge_size=1))
+    )
+    fake.get_vision_position_ids = functools.partial(
+        hf_qwen2vl.Qwen2VLModel.get_vision_position_ids, fake
+    )
     tt = torch.from_numpy(np.asarray(input_types))
-    n_img = int((np.diff(np.concatenate([np.zeros((tt.shape[0], 1)), input_types], 1), axis=1) == 1).sum())
+    n_img = int(
+        (np.diff(np.concatenate([np.zeros((tt.shape[0], 1)), input_types], 1), axis=1) == 1).sum()
+    )
     grids = torch.tensor([[1, *grid]] * n_img)
     pos, _ = hf_qwen2vl.Qwen2VLModel.get_rope_index(fake, tt, tt, image_grid_thw=grids)
     return pos.numpy()
@@ -174,7 +186,7 @@ def test_mrope_positions_two_images_and_lengths():
     k = 6
     row = [0] * 2 + [1] * k + [0] * 3 + [1] * k + [0] * 2
     types_ = np.array([row], np.int64)
-    pos, nxt = jax.jit(rope.mrope_positions, static_argnums=1)(jnp.asarray(types_), grid)
+    pos, _ = jax.jit(rope.mrope_positions, static_argnums=1)(jnp.asarray(types_), grid)
     np.testing.assert_array_equal(np.asarray(pos), _hf_rope_index(types_, grid))
     # text after the first image starts at 2 + max(3, 2) = 5
     assert int(pos[0, 0, 2 + k]) == 5
@@ -228,15 +240,42 @@ def test_rope_2d_relative_in_each_axis():
     [
         (lambda: rope.apply_rope(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), int)), "x shape"),
         (lambda: rope.apply_rope(jnp.ones((2, 3, 1, 5)), jnp.zeros((2, 3), int)), "head_dim"),
-        (lambda: rope.apply_rope(jnp.ones((2, 3, 1, 4)), jnp.zeros((2, 4), int)), "positions shape"),
-        (lambda: rope.apply_mrope(jnp.ones((1, 3, 1, 8)), jnp.zeros((3, 1, 3), int), sections=(1, 1, 1)), "sections"),
-        (lambda: rope.apply_mrope(jnp.ones((1, 3, 1, 8)), jnp.zeros((3, 1, 3), int), sections=(2, 2)), "sections"),
-        (lambda: rope.apply_mrope(jnp.ones((1, 3, 1, 8)), jnp.zeros((1, 3), int), sections=(2, 1, 1)), "positions shape"),
-        (lambda: rope.apply_rope_2d(jnp.ones((1, 3, 1, 6)), jnp.zeros((1, 3, 2), int)), "multiple|divisible"),
-        (lambda: rope.apply_rope_2d(jnp.ones((1, 3, 1, 8)), jnp.zeros((1, 3), int)), "positions shape"),
+        (
+            lambda: rope.apply_rope(jnp.ones((2, 3, 1, 4)), jnp.zeros((2, 4), int)),
+            "positions shape",
+        ),
+        (
+            lambda: rope.apply_mrope(
+                jnp.ones((1, 3, 1, 8)), jnp.zeros((3, 1, 3), int), sections=(1, 1, 1)
+            ),
+            "sections",
+        ),
+        (
+            lambda: rope.apply_mrope(
+                jnp.ones((1, 3, 1, 8)), jnp.zeros((3, 1, 3), int), sections=(2, 2)
+            ),
+            "sections",
+        ),
+        (
+            lambda: rope.apply_mrope(
+                jnp.ones((1, 3, 1, 8)), jnp.zeros((1, 3), int), sections=(2, 1, 1)
+            ),
+            "positions shape",
+        ),
+        (
+            lambda: rope.apply_rope_2d(jnp.ones((1, 3, 1, 6)), jnp.zeros((1, 3, 2), int)),
+            "multiple|divisible",
+        ),
+        (
+            lambda: rope.apply_rope_2d(jnp.ones((1, 3, 1, 8)), jnp.zeros((1, 3), int)),
+            "positions shape",
+        ),
         (lambda: rope.rope_inv_freq(8, scaling={"rope_type": "ntk"}), "rope_type"),
         (lambda: rope.rope_inv_freq(8, scaling={"rope_type": "linear"}), "factor"),
-        (lambda: rope.rope_inv_freq(8, scaling={"rope_type": "linear", "factor": 2, "bogus": 1}), "bogus"),
+        (
+            lambda: rope.rope_inv_freq(8, scaling={"rope_type": "linear", "factor": 2, "bogus": 1}),
+            "bogus",
+        ),
         (lambda: rope.rope_inv_freq(8, theta=0.5), "theta"),
         (lambda: rope.mrope_positions(jnp.array([[0, 1, 1, 0]]), (2, 2)), "multiple"),
         (lambda: rope.mrope_positions(jnp.array([[0, 1]]), (0, 2)), "grid"),

@@ -1,0 +1,47 @@
+"""digit_grid_vqa: a 3x3 grid of handwritten digits (scikit-learn's 8x8 digits, upscaled);
+questions ask which digit is in a cell, where a digit is, how many there are, and comparisons.
+
+COMMAND:
+    python -m experiments.train --config configs/digit_grid.py --workdir runs/digit_grid
+
+EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were measured on).
+"""
+
+import ml_collections
+
+from efficient_mllm.train.config import base_config
+
+EXPECTED = {}
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.name = "digit_grid"
+    c.data.name = "digit_grid_vqa"
+    c.data.knobs = ml_collections.ConfigDict(
+        dict(image_size=48, rows=3, cols=3, fill=0.75, num_train=20000, num_validation=500,
+             num_test=0, seed=0)
+    )
+    c.model = ml_collections.ConfigDict(
+        dict(
+            language=dict(vocab_size=0, width=128, depth=2, heads=4, mlp_dim=256),
+            vision=dict(image_size=0, patch_size=4, width=96, depth=2, heads=4, mlp_dim=192,
+                        use_cls=False),
+            projector="mlp2x_gelu",
+            pixel_shuffle=2,
+            image_token_id=-1,
+            compressor=ml_collections.FieldReference(None, field_type=str),
+        )
+    )
+    c.train.steps = 2000
+    c.train.batch_size = 64
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 100
+    c.train.min_lr_ratio = 0.05
+    c.train.log_every = 25
+    c.eval.batch_size = 100
+    c.eval.every = 500
+    c.eval.max_batches = 2
+    c.checkpoint.every = 500
+    c.lock()
+    return c
