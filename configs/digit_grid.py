@@ -9,7 +9,7 @@ EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were me
 
 import ml_collections
 
-from efficient_mllm.train.config import base_config
+from efficient_mllm.train.config import base_config, dataset_knobs
 
 EXPECTED = {}
 
@@ -18,9 +18,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = "digit_grid"
     c.data.name = "digit_grid_vqa"
-    c.data.knobs = ml_collections.ConfigDict(
-        dict(image_size=48, rows=3, cols=3, fill=0.75, num_train=20000, num_validation=500,
-             num_test=0, seed=0)
+    c.data.knobs = dataset_knobs(
+        "digit_grid_vqa",
+        image_size=48, rows=3, cols=3, fill=0.75, num_train=20000, num_validation=500,
+        num_test=0, seed=0,
     )
     c.model = ml_collections.ConfigDict(
         dict(

@@ -14,7 +14,7 @@ EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were me
 
 import ml_collections
 
-from efficient_mllm.train.config import base_config
+from efficient_mllm.train.config import base_config, dataset_knobs
 
 EXPECTED = {}
 
@@ -24,9 +24,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = "mqar"
     c.data.name = "mqar"
-    c.data.knobs = ml_collections.ConfigDict(
-        dict(vocab_size=128, seq_len=64, num_kv_pairs=8, num_train=20000, num_validation=500,
-             num_test=0, seed=0)
+    c.data.knobs = dataset_knobs(
+        "mqar",
+        vocab_size=128, seq_len=64, num_kv_pairs=8, num_train=20000, num_validation=500,
+        num_test=0, seed=0,
     )
     c.model = ml_collections.ConfigDict(
         dict(

@@ -11,7 +11,7 @@ EXPECTED: see the numbers filled in below by the measured run (EXPECTED_* consta
 
 import ml_collections
 
-from efficient_mllm.train.config import base_config
+from efficient_mllm.train.config import base_config, dataset_knobs
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -19,9 +19,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.name = "quickstart"
     c.seed = 0
     c.data.name = "shapes_vqa"
-    c.data.knobs = ml_collections.ConfigDict(
-        dict(image_size=32, min_objects=1, max_objects=3, min_object_size=0.25,
-             max_object_size=0.35, num_train=20000, num_validation=500, num_test=0, seed=0)
+    c.data.knobs = dataset_knobs(
+        "shapes_vqa",
+        image_size=32, min_objects=1, max_objects=3, min_object_size=0.25,
+        max_object_size=0.35, num_train=20000, num_validation=500, num_test=0, seed=0,
     )
     c.model = ml_collections.ConfigDict(
         dict(

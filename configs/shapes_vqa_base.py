@@ -12,7 +12,7 @@ EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were me
 
 import ml_collections
 
-from efficient_mllm.train.config import base_config
+from efficient_mllm.train.config import base_config, dataset_knobs
 
 EXPECTED = {}
 
@@ -21,9 +21,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = "shapes_vqa_base"
     c.data.name = "shapes_vqa"
-    c.data.knobs = ml_collections.ConfigDict(
-        dict(image_size=64, min_objects=1, max_objects=6, min_object_size=0.14,
-             max_object_size=0.24, num_train=100_000, num_validation=2000, num_test=2000, seed=0)
+    c.data.knobs = dataset_knobs(
+        "shapes_vqa",
+        image_size=64, min_objects=1, max_objects=6, min_object_size=0.14,
+        max_object_size=0.24, num_train=100_000, num_validation=2000, num_test=2000, seed=0,
     )
     c.data.worker_count = 4
     c.model = ml_collections.ConfigDict(

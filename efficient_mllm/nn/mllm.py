@@ -324,7 +324,7 @@ class MLLM(nnx.Module):
         )
         self.compressor = None
         if cfg.compressor is not None:
-            name, _ = registry.parse_spec(cfg.compressor)
+            name, spec_kwargs = registry.parse_spec(cfg.compressor)
             entry = registry.COMPRESSORS.get(name)  # raises RegistryError if unknown
             params = inspect.signature(entry.factory).parameters
             gh, gw = cfg.grid
@@ -337,7 +337,6 @@ class MLLM(nnx.Module):
                 "param_dtype": jnp.dtype(lang.param_dtype),
                 "rngs": rngs,
             }
-            _, spec_kwargs = registry.parse_spec(cfg.compressor)
             extra = {
                 k: context[k]
                 for k in _COMPRESSOR_BUILD_ARGS
@@ -388,10 +387,10 @@ class MLLM(nnx.Module):
         b, n = tokens.shape[:2]
         gh, gw = grid
         if cfg.language.rope_type == "mrope":
-            rel, nxt = rope_ops.mrope_positions(jnp.ones((1, n), jnp.int32), grid)
+            # (0, row, col) for an image starting at 0; text resumes at max(gh, gw).
+            rel, _ = rope_ops.mrope_positions(jnp.ones((1, n), jnp.int32), grid)
             rel = jnp.broadcast_to(rel, (3, b, n))
             span = max(gh, gw)
-            del nxt
         else:
             rel = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
             span = n

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from efficient_mllm import registry
 from efficient_mllm.ops import masks as masks_lib
 
-__all__ = ["IMPLS", "dot_product_attention", "register_impl", "cudnn_unsupported_reason", "softmax"]
+__all__ = ["IMPLS", "cudnn_unsupported_reason", "dot_product_attention", "register_impl", "softmax"]
 
 logger = logging.getLogger("efficient_mllm.attention")
 
@@ -116,9 +117,13 @@ def _validate(q, k, v, mask, bias, scale, softcap, q_offset, impl, return_lse) -
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise ValueError(f"{name} must be an array [batch, seq, heads, head_dim], got {type(x).__name__}")
+            raise ValueError(
+                f"{name} must be an array [batch, seq, heads, head_dim], got {type(x).__name__}"
+            )
         if x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {_shape(x)}")
+            raise ValueError(
+                f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {_shape(x)}"
+            )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
     b, tq, nq, h = q.shape
@@ -127,14 +132,18 @@ def _validate(q, k, v, mask, bias, scale, softcap, q_offset, impl, return_lse) -
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {_shape(k)} and v {_shape(v)} must agree in batch, seq and heads")
     if k.shape[3] != h:
-        raise ValueError(f"head dim of q ({h}) and k ({k.shape[3]}) must be equal: q {_shape(q)}, k {_shape(k)}")
+        raise ValueError(
+            f"head dim of q ({h}) and k ({k.shape[3]}) must be equal: q {_shape(q)}, k {_shape(k)}"
+        )
     tk, nkv = k.shape[1], k.shape[2]
     if min(tq, tk, nq, nkv, h, v.shape[3]) == 0:
         raise ValueError(f"empty dimension in q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     if nq % nkv:
-        raise ValueError(f"q heads ({nq}) must be a multiple of kv heads ({nkv}) for grouped-query attention")
+        raise ValueError(
+            f"q heads ({nq}) must be a multiple of kv heads ({nkv}) for grouped-query attention"
+        )
     if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")  # noqa: TRY004
     if scale is not None and not _is_scalar(scale):
         raise ValueError(f"scale must be None or a real scalar, got {scale!r}")
     if softcap is not None:
@@ -152,12 +161,16 @@ def _validate(q, k, v, mask, bias, scale, softcap, q_offset, impl, return_lse) -
 
     if bias is not None:
         if not hasattr(bias, "shape") or not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(f"bias must be a floating array broadcastable to [B, N, Tq, Tk], got {bias!r:.80}")
+            raise ValueError(
+                f"bias must be a floating array broadcastable to [B, N, Tq, Tk], got {bias!r:.80}"
+            )
         full = (b, nq, tq, tk)
         if not 2 <= bias.ndim <= 4 or any(
             d not in (1, f) for d, f in zip(bias.shape[::-1], full[::-1])
         ):
-            raise ValueError(f"bias of shape {_shape(bias)} does not broadcast to [B, N, Tq, Tk] = {list(full)}")
+            raise ValueError(
+                f"bias of shape {_shape(bias)} does not broadcast to [B, N, Tq, Tk] = {list(full)}"
+            )
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + tuple(bias.shape))
     return _Request(q, k, v, spec, bias, scale, softcap, q_offset, offsets, return_lse)
 
@@ -244,14 +257,23 @@ def _cudnn_plan(r: _Request) -> tuple[dict | None, str | None]:
     """Keyword arguments for jax.nn.dot_product_attention, or (None, reason)."""
     is_gpu, cc = _gpu_info()
     if not is_gpu:
-        return None, f"cuDNN attention needs an NVIDIA GPU backend, this is {jax.default_backend()!r}"
+        return (
+            None,
+            f"cuDNN attention needs an NVIDIA GPU backend, this is {jax.default_backend()!r}",
+        )
     q, k, v = r.q, r.k, r.v
     if not (q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16)):
-        return None, f"cuDNN attention needs q/k/v all float16 or bfloat16, got {q.dtype}/{k.dtype}/{v.dtype}"
+        return (
+            None,
+            f"cuDNN attention needs q/k/v all float16 or bfloat16, got {q.dtype}/{k.dtype}/{v.dtype}",
+        )
     h = q.shape[3]
     h_max = 256 if cc >= 9.0 else 128
     if h % 8 or h > h_max or v.shape[3] != h:
-        return None, f"cuDNN attention needs equal q/k/v head dims, a multiple of 8 and <= {h_max}, got {h}/{v.shape[3]}"
+        return (
+            None,
+            f"cuDNN attention needs equal q/k/v head dims, a multiple of 8 and <= {h_max}, got {h}/{v.shape[3]}",
+        )
     if r.softcap is not None:
         return None, "cuDNN attention does not support softcap"
     if r.return_lse:
@@ -295,8 +317,9 @@ def _cudnn_plan(r: _Request) -> tuple[dict | None, str | None]:
     return kw, None
 
 
-def cudnn_unsupported_reason(q, k, v, *, mask=None, bias=None, scale=None, softcap=None,
-                             q_offset=None, return_lse=False) -> str | None:
+def cudnn_unsupported_reason(
+    q, k, v, *, mask=None, bias=None, scale=None, softcap=None, q_offset=None, return_lse=False
+) -> str | None:
     """None if ``impl="cudnn"`` handles this call on the current backend, else the reason."""
     r = _validate(q, k, v, mask, bias, scale, softcap, q_offset, "cudnn", return_lse)
     return _cudnn_plan(r)[1]
@@ -388,5 +411,3 @@ def softmax(impl: str = "auto", softcap: float | None = None, scale: float | Non
 
     attend.__name__ = f"softmax_attention_{impl}"
     return attend
-
-

@@ -33,25 +33,25 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "EMPTY",
-    "PARTIAL",
-    "FULL",
-    "TEXT",
-    "IMAGE",
     "ANSWER",
+    "EMPTY",
+    "FULL",
+    "IMAGE",
     "PAD",
+    "PARTIAL",
+    "TEXT",
     "MaskSpec",
+    "as_mask",
+    "block_sparse",
     "causal",
-    "sliding_window",
-    "segment_ids",
+    "frame_block_causal",
+    "from_array",
+    "modality_mutual",
+    "normalize_q_offset",
     "padding",
     "prefix_lm",
-    "modality_mutual",
-    "frame_block_causal",
-    "block_sparse",
-    "from_array",
-    "as_mask",
-    "normalize_q_offset",
+    "segment_ids",
+    "sliding_window",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -127,7 +127,9 @@ def _as_int_array(name: str, x: Any, ndim: tuple[int, ...]) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
     if x.ndim not in ndim:
-        raise ValueError(f"{name} must have rank {' or '.join(map(str, ndim))}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have rank {' or '.join(map(str, ndim))}, got shape {tuple(x.shape)}"
+        )
     return jnp.asarray(x).astype(jnp.int32)
 
 
@@ -159,7 +161,7 @@ class MaskSpec:
 
     def _interval(self, q_pos: jax.Array, q_row: jax.Array):
         """Inclusive per-row allowed key interval ``(lo, hi)`` int32 [B|1, Tq], or None."""
-        return None
+        return
 
     def _validate(self, batch: int, q_len: int, kv_len: int, max_offset: int | None) -> None:
         del batch, q_len, kv_len, max_offset
@@ -205,7 +207,9 @@ class MaskSpec:
         return self.spec if isinstance(self, Not) else Not(self)
 
     # -- evaluation ----------------------------------------------------------------------------
-    def validate(self, batch: int, q_len: int, kv_len: int, q_offset: Any = None) -> tuple[jax.Array, int | None]:
+    def validate(
+        self, batch: int, q_len: int, kv_len: int, q_offset: Any = None
+    ) -> tuple[jax.Array, int | None]:
         """Checks the spec against the shapes; returns the normalised ``q_offset``."""
         batch = _check_pos_int("batch", batch)
         q_len = _check_pos_int("q_len", q_len)
@@ -233,7 +237,9 @@ class MaskSpec:
         fields = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            fields.append(f"{f.name}={'array' + str(tuple(v.shape)) if hasattr(v, 'shape') else repr(v)}")
+            fields.append(
+                f"{f.name}={'array' + str(tuple(v.shape)) if hasattr(v, 'shape') else repr(v)}"
+            )
         return f"{type(self).__name__}({', '.join(fields)})"
 
 
@@ -271,7 +277,9 @@ def _block_map_intervals(iv, q_len, kv_len, block_q, block_k) -> jax.Array:
     return cls.astype(jnp.int8)
 
 
-def _block_map_generic(spec: MaskSpec, off, q_len, kv_len, block_q, block_k, chunk_elems) -> jax.Array:
+def _block_map_generic(
+    spec: MaskSpec, off, q_len, kv_len, block_q, block_k, chunk_elems
+) -> jax.Array:
     """Exact tile classes by reducing the predicate over each tile, one query-block row at a time."""
     nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
     k_pos = jnp.arange(nk * block_k, dtype=jnp.int32)
@@ -282,7 +290,7 @@ def _block_map_generic(spec: MaskSpec, off, q_len, kv_len, block_q, block_k, chu
         m = spec._eval(off[:, None] + r[None, :], r, k_pos)
         m = jnp.broadcast_to(m, m.shape[:2] + (r.shape[0], k_pos.shape[0]))
         m = m.reshape(m.shape[0], m.shape[1], rows.shape[0], block_q, nk, block_k)
-        ok = ((r < q_len).reshape(rows.shape[0], block_q)[:, :, None, None] & k_ok[None, None])
+        ok = (r < q_len).reshape(rows.shape[0], block_q)[:, :, None, None] & k_ok[None, None]
         anyv = jnp.any(m & ok, axis=(3, 5))
         allv = jnp.all(m | ~ok, axis=(3, 5))
         cls = jnp.where(allv, FULL, jnp.where(anyv, PARTIAL, EMPTY)).astype(jnp.int8)
@@ -296,7 +304,9 @@ def _block_map_generic(spec: MaskSpec, off, q_len, kv_len, block_q, block_k, chu
         out = one_row(rows)
     else:
         pad = _cdiv(nq, chunk) * chunk - nq
-        rows_p = jnp.concatenate([rows, jnp.full((pad, block_q), q_len, jnp.int32)]) if pad else rows
+        rows_p = (
+            jnp.concatenate([rows, jnp.full((pad, block_q), q_len, jnp.int32)]) if pad else rows
+        )
         out = jax.lax.map(one_row, rows_p.reshape(-1, chunk, block_q))
         out = out.reshape((-1,) + out.shape[2:])[:nq]
     return jnp.moveaxis(out, 0, 2)  # [B, N, nq, nk]
@@ -312,7 +322,7 @@ class Causal(MaskSpec):
     """``k <= q``."""
 
     def _eval(self, q_pos, q_row, k_pos):
-        return (k_pos[None, None, None, :] <= q_pos[:, None, :, None])
+        return k_pos[None, None, None, :] <= q_pos[:, None, :, None]
 
     def _interval(self, q_pos, q_row):
         return jnp.full_like(q_pos, -_BIG), q_pos
@@ -347,9 +357,13 @@ class SegmentIds(MaskSpec):
         for name, arr in self._arrays():
             _check_batch(name, arr, batch)
         if self.q_segments.shape[1] != q_len:
-            raise ValueError(f"q_segments has length {self.q_segments.shape[1]}, expected q_len={q_len}")
+            raise ValueError(
+                f"q_segments has length {self.q_segments.shape[1]}, expected q_len={q_len}"
+            )
         if self.kv_segments.shape[1] != kv_len:
-            raise ValueError(f"kv_segments has length {self.kv_segments.shape[1]}, expected kv_len={kv_len}")
+            raise ValueError(
+                f"kv_segments has length {self.kv_segments.shape[1]}, expected kv_len={kv_len}"
+            )
 
     def _eval(self, q_pos, q_row, k_pos):
         qs = _take(self.q_segments, q_row[None])
@@ -379,7 +393,9 @@ class Padding(MaskSpec):
         return m
 
     def _interval(self, q_pos, q_row):
-        hi = jnp.broadcast_to(self.kv_lengths[:, None] - 1, (self.kv_lengths.shape[0], q_row.shape[0]))
+        hi = jnp.broadcast_to(
+            self.kv_lengths[:, None] - 1, (self.kv_lengths.shape[0], q_row.shape[0])
+        )
         lo = jnp.full_like(hi, -_BIG)
         if self.q_lengths is not None:
             bad = q_row[None, :] >= self.q_lengths[:, None]
@@ -436,7 +452,11 @@ class ModalityMutual(MaskSpec):
         turn = jnp.cumsum(t == ANSWER, axis=1, dtype=jnp.int32)  # answers seen so far
         tq, cq = _take(t, q_pos), _take(turn, q_pos)
         tk, ck = _take(t, k_pos[None]), _take(turn, k_pos[None])
-        later = (tq == IMAGE)[:, :, None] & (tk == TEXT)[:, None, :] & (cq[:, :, None] == ck[:, None, :])
+        later = (
+            (tq == IMAGE)[:, :, None]
+            & (tk == TEXT)[:, None, :]
+            & (cq[:, :, None] == ck[:, None, :])
+        )
         causal_ = k_pos[None, None, :] <= q_pos[:, :, None]
         return (causal_ | later)[:, None]
 
@@ -561,7 +581,7 @@ class And(MaskSpec):
         return _combined_heads(self.specs)
 
     def _validate(self, batch, q_len, kv_len, max_offset):
-        self.num_heads  # noqa: B018  (raises on inconsistent head counts)
+        _combined_heads(self.specs)  # raises on inconsistent head counts
         for s in self.specs:
             s._validate(batch, q_len, kv_len, max_offset)
 
@@ -596,7 +616,7 @@ class Or(MaskSpec):
         return _combined_heads(self.specs)
 
     def _validate(self, batch, q_len, kv_len, max_offset):
-        self.num_heads  # noqa: B018
+        _combined_heads(self.specs)  # raises on inconsistent head counts
         for s in self.specs:
             s._validate(batch, q_len, kv_len, max_offset)
 
@@ -658,7 +678,9 @@ def segment_ids(q_segments: Any, kv_segments: Any = None) -> MaskSpec:
     q = _as_int_array("q_segments", q_segments, (2,))
     kv = q if kv_segments is None else _as_int_array("kv_segments", kv_segments, (2,))
     if kv.shape[0] != q.shape[0] and 1 not in (kv.shape[0], q.shape[0]):
-        raise ValueError(f"q_segments batch {q.shape[0]} and kv_segments batch {kv.shape[0]} differ")
+        raise ValueError(
+            f"q_segments batch {q.shape[0]} and kv_segments batch {kv.shape[0]} differ"
+        )
     return SegmentIds(q, kv)
 
 
@@ -701,7 +723,9 @@ def frame_block_causal(frame_ids: Any) -> MaskSpec:
     return FrameBlockCausal(_as_int_array("frame_ids", frame_ids, (2,)))
 
 
-def block_sparse(block_q: int, block_k: int, block_indices: Any, num_blocks: Any = None) -> MaskSpec:
+def block_sparse(
+    block_q: int, block_k: int, block_indices: Any, num_blocks: Any = None
+) -> MaskSpec:
     """Explicit block sparsity: per query block, the list of key blocks it attends.
 
     ``block_indices`` int32 ``[B|1, nq, max_k]`` (all heads) or ``[B|1, N, nq, max_k]`` (per head:

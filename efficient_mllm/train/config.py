@@ -32,7 +32,7 @@ import ml_collections
 
 from efficient_mllm.train.sharding import DEFAULT_RULES
 
-__all__ = ["base_config", "apply_overrides", "load_config"]
+__all__ = ["base_config", "dataset_knobs", "apply_overrides", "load_config"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -63,6 +63,21 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.output = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))
     return c
+
+
+def dataset_knobs(name: str, **knobs: Any) -> ml_collections.ConfigDict:
+    """Every knob of synthetic dataset ``name`` (its defaults, updated with ``knobs``) as a
+    ConfigDict, so that any knob can be overridden from the command line."""
+    import dataclasses
+
+    from efficient_mllm.data.datasets import config_for
+
+    cfg = config_for(name, **knobs)
+    d = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        d[f.name] = tuple(v) if isinstance(v, (list, tuple)) else v
+    return ml_collections.ConfigDict(d)
 
 
 def _fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -136,6 +136,11 @@ def build_components(config: Any) -> Components:
         if b % nproc:
             raise ValueError(f"{what} = {b}; expected a multiple of the process count {nproc}")
     workers = int(dc.get("worker_count", 0))
+    if workers > 0:  # grain worker processes read absl flags; outside absl.app mark them parsed
+        from absl import flags as absl_flags
+
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
     train_loader = make_loader(
         ds["train"], ds.tokenizer, batch_size=tc.batch_size // nproc, seq_len=seq_len,
         image_size=image_size, shuffle=True, seed=int(config.seed), num_epochs=None,

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_mllm.kvcache import generate as gen_lib
-from efficient_mllm.kvcache.generate import generate, sample_logits
+from efficient_mllm.kvcache.generate import _generate_jit, generate, sample_logits
 from efficient_mllm.nn.language import LanguageConfig, LanguageModel
 from efficient_mllm.nn.mllm import MLLM, MLLMConfig
 
@@ -130,13 +129,13 @@ def test_sample_logits_top_p_keeps_the_nucleus():
 
 
 def test_compiled_once_per_shape(lm):
-    gen_lib._generate_jit.clear_cache()
+    _generate_jit.clear_cache()
     tok = jax.random.randint(jax.random.key(3), (2, 4), 0, VOCAB, dtype=jnp.int32)
     generate(lm, tok, max_new_tokens=3)
     generate(lm, (tok + 1) % VOCAB, max_new_tokens=3, lengths=jnp.array([4, 2]))
     generate(lm, tok, max_new_tokens=3, temperature=0.5, rng=jax.random.key(0))
     generate(lm, tok, max_new_tokens=3, temperature=0.9, rng=jax.random.key(1))
-    assert gen_lib._generate_jit._cache_size() == 2  # greedy + sampling, values are traced
+    assert _generate_jit._cache_size() == 2  # greedy + sampling, values are traced
 
 
 def test_capacity_and_argument_errors(lm, mllm):

@@ -25,7 +25,6 @@ class _Kept(NamedTuple):
     valid: jax.Array
 
 
-@registry.COMPRESSORS.register("_test_keep_norm", status="test")
 def _keep_norm(keep: int = 3):
     """Test compressor: keeps the ``keep`` largest-norm tokens (in original order); the last
     kept token is invalid in even rows."""
@@ -218,7 +217,11 @@ def test_mrope_positions_of_image_tokens():
     assert int(spliced[0]) == 10
 
 
-def test_compressor_from_registry_with_invalid_tokens():
+def test_compressor_from_registry_with_invalid_tokens(monkeypatch):
+    # Registered for this test only, so registry listings elsewhere do not see it.
+    registry.COMPRESSORS.names()  # load the real providers first
+    entry = registry.Entry("_test_keep_norm", _keep_norm, status="test")
+    monkeypatch.setitem(registry.COMPRESSORS._entries, "_test_keep_norm", entry)
     m = _model(compressor="_test_keep_norm(keep=3)")
     assert m.num_image_slots() == 3
     tok, lengths, images = _batch()

@@ -58,7 +58,9 @@ def _jit_attn(mask_is_spec, q_offset_static, **kw):
 
     def f(q, k, v, mask, bias, off):
         off = q_offset_static if off is None else off
-        return dot_product_attention(q, k, v, mask=mask, bias=bias, q_offset=off, return_lse=True, **kw)
+        return dot_product_attention(
+            q, k, v, mask=mask, bias=bias, q_offset=off, return_lse=True, **kw
+        )
 
     return jax.jit(f)
 
@@ -111,8 +113,13 @@ def test_matches_float64_reference(
             shape[ax] = 1
         bias = _rand(rng, tuple(shape))
 
-    f = _jit_attn(True, q_offset if not hasattr(q_offset, "shape") else None,
-                  softcap=softcap, scale=scale, impl="xla")
+    f = _jit_attn(
+        True,
+        q_offset if not hasattr(q_offset, "shape") else None,
+        softcap=softcap,
+        scale=scale,
+        impl="xla",
+    )
     out, lse = f(q, k, v, mask, bias, q_offset if hasattr(q_offset, "shape") else None)
     want, want_lse = ref_attention(q, k, v, allowed, bias, scale, softcap)
     assert out.shape == (batch, q_len, nq, head_dim + 4) and out.dtype == jnp.float32
@@ -144,12 +151,16 @@ def test_bfloat16_inputs(batch, q_len, kv_len, group, seed):
     v = _rand(rng, (batch, kv_len, 2, 16), jnp.bfloat16)
     kvl = rng.integers(0, kv_len + 1, (batch,)).astype(np.int32)
     spec = masks.causal() & masks.padding(kvl)
-    out, lse = jax.jit(partial(dot_product_attention, impl="xla", return_lse=True))(q, k, v, mask=spec)
+    out, lse = jax.jit(partial(dot_product_attention, impl="xla", return_lse=True))(
+        q, k, v, mask=spec
+    )
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     allowed = (np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None])[None, None] & (
         np.arange(kv_len)[None, None, None, :] < kvl[:, None, None, None]
     )
-    want, want_lse = ref_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), allowed)
+    want, want_lse = ref_attention(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), allowed
+    )
     err = np.abs(np.asarray(out, np.float64) - want)
     assert (err <= 2.0**-8 * np.abs(want) + 1e-5).all(), err.max()
     fin = np.isfinite(want_lse)
@@ -169,13 +180,17 @@ def _fully_masked_case(dtype):
 
 def test_fully_masked_rows_zero_output_and_finite_grads():
     q, k, v, bias, spec = _fully_masked_case(jnp.float32)
-    out, lse = dot_product_attention(q, k, v, mask=spec, bias=bias, softcap=3.0, return_lse=True, impl="xla")
+    out, lse = dot_product_attention(
+        q, k, v, mask=spec, bias=bias, softcap=3.0, return_lse=True, impl="xla"
+    )
     assert (np.asarray(out)[1] == 0).all() and (np.asarray(out)[0, 3:] == 0).all()
     assert np.isneginf(np.asarray(lse)[1]).all() and np.isneginf(np.asarray(lse)[0, :, 3:]).all()
     assert np.isfinite(np.asarray(lse)[0, :, :3]).all()
 
     def loss(q, k, v, bias):
-        o, l = dot_product_attention(q, k, v, mask=spec, bias=bias, softcap=3.0, return_lse=True, impl="xla")
+        o, l = dot_product_attention(
+            q, k, v, mask=spec, bias=bias, softcap=3.0, return_lse=True, impl="xla"
+        )
         return jnp.sum(o**2) + jnp.sum(jnp.where(jnp.isfinite(l), l, 0.0))
 
     grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
@@ -198,16 +213,18 @@ def test_gradients_match_finite_differences():
         )
 
         def f(q, k, v, bias):
-            o, l = dot_product_attention(q, k, v, mask=spec, bias=bias, softcap=2.5, q_offset=1,
-                                         return_lse=True, impl="xla")
+            o, l = dot_product_attention(
+                q, k, v, mask=spec, bias=bias, softcap=2.5, q_offset=1, return_lse=True, impl="xla"
+            )
             assert o.dtype == jnp.float64
             return o, jnp.where(jnp.isfinite(l), l, 0.0)
 
         check_grads(jax.jit(f), (q, k, v, bias), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
         # GQA grouping with a per-batch q_offset and an explicit per-head boolean mask.
         m = jnp.asarray(rng.random((2, 4, 4, 5)) < 0.7)
-        g = lambda q, k, v: dot_product_attention(q, k, v, mask=m & masks.causal(),  # noqa: E731
-                                                  q_offset=jnp.array([1, 0]), impl="xla")
+        g = lambda q, k, v: dot_product_attention(
+            q, k, v, mask=m & masks.causal(), q_offset=jnp.array([1, 0]), impl="xla"
+        )
         check_grads(jax.jit(g), (q, k, v), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
@@ -220,7 +237,10 @@ def _dependence(fn, v_or_k_index, q, k, v):
 
 
 def test_modality_mutual_never_depends_on_later_answers():
-    types = np.array([[TEXT, IMAGE, IMAGE, IMAGE, TEXT, TEXT, ANSWER, ANSWER, TEXT, IMAGE, TEXT, ANSWER]], np.int32)
+    types = np.array(
+        [[TEXT, IMAGE, IMAGE, IMAGE, TEXT, TEXT, ANSWER, ANSWER, TEXT, IMAGE, TEXT, ANSWER]],
+        np.int32,
+    )
     t = types.shape[1]
     rng = np.random.default_rng(3)
     q, k, v = (_rand(rng, (1, t, 2, 8)) for _ in range(3))
@@ -236,7 +256,9 @@ def test_modality_mutual_never_depends_on_later_answers():
     tt = types[0]
     later_answer = (tt[None, :] == ANSWER) & (np.arange(t)[None, :] > np.arange(t)[:, None])
     image_to_later_prompt = (
-        (tt[:, None] == IMAGE) & (tt[None, :] == TEXT) & (np.arange(t)[None, :] > np.arange(t)[:, None])
+        (tt[:, None] == IMAGE)
+        & (tt[None, :] == TEXT)
+        & (np.arange(t)[None, :] > np.arange(t)[:, None])
     )
     image_to_later_prompt[1:4, 8:] = False  # text of the next turn is past an answer
     image_to_later_prompt[9, :] = tt == TEXT  # second-turn image: only the text after it
@@ -256,7 +278,10 @@ def test_gqa_does_not_materialise_repeated_kv():
     for eqn in jaxpr.jaxpr.eqns:
         for var in eqn.outvars:
             shape = getattr(var.aval, "shape", ())
-            assert not (37 in shape and 16 in shape and np.prod(shape) >= big), (eqn.primitive, shape)
+            assert not (37 in shape and 16 in shape and np.prod(shape) >= big), (
+                eqn.primitive,
+                shape,
+            )
 
 
 def test_q_offset_decode_equals_full_prefill_rows():
@@ -269,8 +294,14 @@ def test_q_offset_decode_equals_full_prefill_rows():
     old = lengths - steps
     rows = np.stack([np.arange(o, o + steps) for o in old])  # per-row absolute positions
     q_new = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
-    dec = dot_product_attention(q_new, k, v, mask=masks.causal() & masks.padding(old + steps),
-                                q_offset=jnp.asarray(old, jnp.int32), impl="xla")
+    dec = dot_product_attention(
+        q_new,
+        k,
+        v,
+        mask=masks.causal() & masks.padding(old + steps),
+        q_offset=jnp.asarray(old, jnp.int32),
+        impl="xla",
+    )
     want = jnp.take_along_axis(full, rows[:, :, None, None], axis=1)
     np.testing.assert_allclose(np.asarray(dec), np.asarray(want), rtol=1e-6, atol=1e-6)
 
@@ -310,28 +341,41 @@ def test_cudnn_plan_mapping(monkeypatch):
 
     def plan(**kw):
         k = kw.pop("k", kv)
-        r = attention._validate(q, k, k, kw.pop("mask", None), kw.pop("bias", None),
-                                None, kw.pop("softcap", None), kw.pop("q_offset", None), "cudnn",
-                                kw.pop("return_lse", False))
+        r = attention._validate(
+            q,
+            k,
+            k,
+            kw.pop("mask", None),
+            kw.pop("bias", None),
+            None,
+            kw.pop("softcap", None),
+            kw.pop("q_offset", None),
+            "cudnn",
+            kw.pop("return_lse", False),
+        )
         return attention._cudnn_plan(r)
 
-    kw, reason = plan(mask=masks.causal() & masks.padding(np.array([8, 5])) & masks.sliding_window(3))
+    kw, reason = plan(
+        mask=masks.causal() & masks.padding(np.array([8, 5])) & masks.sliding_window(3)
+    )
     assert reason is None and kw["is_causal"] and kw["local_window_size"] == (3, 0)
     np.testing.assert_array_equal(kw["key_value_seq_lengths"], [8, 5])
     np.testing.assert_array_equal(kw["query_seq_lengths"], [8, 8])
     assert plan()[1] is None and plan(mask=masks.padding(np.array([3, 4])), q_offset=5)[1] is None
     for bad, word in [
-        (dict(softcap=30.0), "softcap"),
-        (dict(return_lse=True), "lse"),
-        (dict(mask=masks.causal(), q_offset=2), "q_offset"),
-        (dict(mask=masks.sliding_window(2, 2)), "SlidingWindow"),
-        (dict(mask=masks.modality_mutual(np.zeros((2, 8), np.int32))), "ModalityMutual"),
-        (dict(mask=jnp.ones((2, 1, 8, 8), bool)), "boolean mask"),
-        (dict(mask=masks.causal() | masks.padding(np.array([2, 2]))), "Causal() | Padding"),
-        (dict(mask=masks.causal(), k=jnp.zeros((2, 6, 2, 64), jnp.bfloat16)), "Tq == Tk"),
+        ({"softcap": 30.0}, "softcap"),
+        ({"return_lse": True}, "lse"),
+        ({"mask": masks.causal(), "q_offset": 2}, "q_offset"),
+        ({"mask": masks.sliding_window(2, 2)}, "SlidingWindow"),
+        ({"mask": masks.modality_mutual(np.zeros((2, 8), np.int32))}, "ModalityMutual"),
+        ({"mask": jnp.ones((2, 1, 8, 8), bool)}, "boolean mask"),
+        ({"mask": masks.causal() | masks.padding(np.array([2, 2]))}, "Causal() | Padding"),
+        ({"mask": masks.causal(), "k": jnp.zeros((2, 6, 2, 64), jnp.bfloat16)}, "Tq == Tk"),
     ]:
         assert word in plan(**bad)[1], (bad, plan(**bad)[1])
-    r = attention._validate(q.astype(jnp.float32), kv, kv, None, None, None, None, None, "cudnn", False)
+    r = attention._validate(
+        q.astype(jnp.float32), kv, kv, None, None, None, None, None, "cudnn", False
+    )
     assert "bfloat16" in attention._cudnn_plan(r)[1]
 
 
@@ -339,29 +383,38 @@ def test_bad_inputs():
     q = jnp.zeros((2, 5, 4, 8))
     kv = jnp.zeros((2, 6, 2, 8))
     cases = [
-        (dict(q=jnp.zeros((5, 4, 8))), "q must have rank 4"),
-        (dict(k=jnp.zeros((2, 6, 3, 8)), v=jnp.zeros((2, 6, 3, 8))), r"multiple of kv heads \(3\)"),
-        (dict(k=jnp.zeros((2, 6, 2, 16))), "head dim of q \\(8\\) and k \\(16\\)"),
-        (dict(v=jnp.zeros((2, 7, 2, 8))), "k .* and v .* must agree"),
-        (dict(k=jnp.zeros((3, 6, 2, 8)), v=jnp.zeros((3, 6, 2, 8))), "batch sizes differ"),
-        (dict(q=jnp.zeros((2, 5, 4, 8), jnp.int32)), "floating dtype"),
-        (dict(mask=jnp.ones((2, 1, 5, 7), bool)), "does not broadcast"),
-        (dict(mask=jnp.ones((2, 3, 5, 6), bool)), "mask has 3 heads"),
-        (dict(mask=jnp.ones((5, 6), jnp.float32)), "dtype bool"),
-        (dict(mask=masks.segment_ids(np.zeros((2, 4), np.int32), np.zeros((2, 6), np.int32))), "q_segments"),
-        (dict(bias=jnp.zeros((2, 4, 5, 5))), "bias of shape"),
-        (dict(q_offset=jnp.zeros((3,), jnp.int32)), "q_offset"),
-        (dict(q_offset=1.5), "q_offset"),
-        (dict(softcap=-1.0), "softcap must be positive"),
-        (dict(scale="0.1"), "scale must be None or a real scalar"),
-        (dict(impl="flash"), "impl must be one of"),
-        (dict(impl="cudnn"), "impl='cudnn' cannot run this call: cuDNN attention needs an NVIDIA GPU"),
-        (dict(impl="pallas"), "Pallas attention kernels are not built yet"),
-        (dict(impl="interpret"), "not built yet"),
-        (dict(return_lse=1), "return_lse must be a bool"),
+        ({"q": jnp.zeros((5, 4, 8))}, "q must have rank 4"),
+        (
+            {"k": jnp.zeros((2, 6, 3, 8)), "v": jnp.zeros((2, 6, 3, 8))},
+            r"multiple of kv heads \(3\)",
+        ),
+        ({"k": jnp.zeros((2, 6, 2, 16))}, "head dim of q \\(8\\) and k \\(16\\)"),
+        ({"v": jnp.zeros((2, 7, 2, 8))}, "k .* and v .* must agree"),
+        ({"k": jnp.zeros((3, 6, 2, 8)), "v": jnp.zeros((3, 6, 2, 8))}, "batch sizes differ"),
+        ({"q": jnp.zeros((2, 5, 4, 8), jnp.int32)}, "floating dtype"),
+        ({"mask": jnp.ones((2, 1, 5, 7), bool)}, "does not broadcast"),
+        ({"mask": jnp.ones((2, 3, 5, 6), bool)}, "mask has 3 heads"),
+        ({"mask": jnp.ones((5, 6), jnp.float32)}, "dtype bool"),
+        (
+            {"mask": masks.segment_ids(np.zeros((2, 4), np.int32), np.zeros((2, 6), np.int32))},
+            "q_segments",
+        ),
+        ({"bias": jnp.zeros((2, 4, 5, 5))}, "bias of shape"),
+        ({"q_offset": jnp.zeros((3,), jnp.int32)}, "q_offset"),
+        ({"q_offset": 1.5}, "q_offset"),
+        ({"softcap": -1.0}, "softcap must be positive"),
+        ({"scale": "0.1"}, "scale must be None or a real scalar"),
+        ({"impl": "flash"}, "impl must be one of"),
+        (
+            {"impl": "cudnn"},
+            "impl='cudnn' cannot run this call: cuDNN attention needs an NVIDIA GPU",
+        ),
+        ({"impl": "pallas"}, "Pallas attention kernels are not built yet"),
+        ({"impl": "interpret"}, "not built yet"),
+        ({"return_lse": 1}, "return_lse must be a bool"),
     ]
     for kw, msg in cases:
-        args = dict(q=q, k=kv, v=kv)
+        args = {"q": q, "k": kv, "v": kv}
         for name in ("q", "k", "v"):
             if name in kw:
                 args[name] = kw.pop(name)

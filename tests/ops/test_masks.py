@@ -105,25 +105,25 @@ def random_leaf(rng, kind, batch, q_len, kv_len, total, heads):
         return masks.causal(), ("causal", {})
     if kind == "window":
         left, right = int(rng.integers(0, 6)), int(rng.integers(0, 3))
-        return masks.sliding_window(left, right), ("window", dict(left=left, right=right))
+        return masks.sliding_window(left, right), ("window", {"left": left, "right": right})
     if kind == "segments":
         q = np.sort(rng.integers(0, 3, (bb, q_len)), axis=1).astype(np.int32)
         kv = np.sort(rng.integers(0, 3, (bb, kv_len)), axis=1).astype(np.int32)
-        return masks.segment_ids(q, kv), ("segments", dict(q=q, kv=kv))
+        return masks.segment_ids(q, kv), ("segments", {"q": q, "kv": kv})
     if kind == "padding":
         kvl = rng.integers(0, kv_len + 1, (bb,)).astype(np.int32)
         ql = rng.integers(0, q_len + 1, (bb,)).astype(np.int32) if rng.random() < 0.5 else None
-        return masks.padding(kvl, ql), ("padding", dict(kv_lengths=kvl, q_lengths=ql))
+        return masks.padding(kvl, ql), ("padding", {"kv_lengths": kvl, "q_lengths": ql})
     if kind == "prefix":
         pl = rng.integers(0, total + 1, (bb,)).astype(np.int32)
-        return masks.prefix_lm(pl), ("prefix", dict(prefix=pl))
+        return masks.prefix_lm(pl), ("prefix", {"prefix": pl})
     if kind == "modality":
         t = rng.choice([TEXT, IMAGE, ANSWER, PAD], size=(bb, total), p=[0.35, 0.35, 0.2, 0.1])
         t = t.astype(np.int32)
-        return masks.modality_mutual(t), ("modality", dict(types=t))
+        return masks.modality_mutual(t), ("modality", {"types": t})
     if kind == "frame":
         f = np.sort(rng.integers(-1, 4, (bb, total)), axis=1).astype(np.int32)
-        return masks.frame_block_causal(f), ("frame", dict(frames=f))
+        return masks.frame_block_causal(f), ("frame", {"frames": f})
     if kind == "block_sparse":
         bq, bk = int(rng.integers(1, 9)), int(rng.integers(1, 9))
         nqb, nkb = -(-total // bq) + int(rng.integers(0, 2)), -(-kv_len // bk)
@@ -132,15 +132,25 @@ def random_leaf(rng, kind, batch, q_len, kv_len, total, heads):
         idx = rng.integers(-1, nkb + 1, (bb, hh, nqb, mk)).astype(np.int32)
         num = rng.integers(0, mk + 1, (bb, hh, nqb)).astype(np.int32)
         spec = masks.block_sparse(bq, bk, idx, num)
-        return spec, ("block_sparse", dict(idx=idx, num=num, bq=bq, bk=bk))
+        return spec, ("block_sparse", {"idx": idx, "num": num, "bq": bq, "bk": bk})
     if kind == "array":
         shape = (bb, int(rng.choice([1, heads])), int(rng.choice([1, q_len])), kv_len)
         m = rng.random(shape) < 0.7
-        return masks.from_array(jnp.asarray(m)), ("array", dict(mask=m))
+        return masks.from_array(jnp.asarray(m)), ("array", {"mask": m})
     raise AssertionError(kind)
 
 
-KINDS = ["causal", "window", "segments", "padding", "prefix", "modality", "frame", "block_sparse", "array"]
+KINDS = [
+    "causal",
+    "window",
+    "segments",
+    "padding",
+    "prefix",
+    "modality",
+    "frame",
+    "block_sparse",
+    "array",
+]
 
 
 def random_spec(rng, batch, q_len, kv_len, total, heads, depth=0):
@@ -197,7 +207,9 @@ def test_dense_and_block_map_match_reference(batch, q_len, kv_len, off_kind, see
     if spec.num_heads is None:
         bm = bm[:, None]
     np.testing.assert_array_equal(
-        np.broadcast_to(bm, (batch,) + bm.shape[1:]), ref_block_map(want, bq, bk), err_msg=repr(spec)
+        np.broadcast_to(bm, (batch,) + bm.shape[1:]),
+        ref_block_map(want, bq, bk),
+        err_msg=repr(spec),
     )
 
 
@@ -210,22 +222,36 @@ def test_block_map_chunked_path_and_interval_path(monkeypatch, chunk):
     kvl = np.array([30, 11], np.int32)
     offs = np.array([3, 0])
     cases = [
-        (masks.causal() & masks.padding(kvl), ("and", [("causal", {}), ("padding", dict(kv_lengths=kvl, q_lengths=None))])),
-        (masks.sliding_window(4, 2) & masks.prefix_lm(np.array([6, 2])),
-         ("and", [("window", dict(left=4, right=2)), ("prefix", dict(prefix=np.array([6, 2])))])),
-        (masks.modality_mutual(types) | masks.sliding_window(1, 1),
-         ("or", [("modality", dict(types=types)), ("window", dict(left=1, right=1))])),
+        (
+            masks.causal() & masks.padding(kvl),
+            ("and", [("causal", {}), ("padding", {"kv_lengths": kvl, "q_lengths": None})]),
+        ),
+        (
+            masks.sliding_window(4, 2) & masks.prefix_lm(np.array([6, 2])),
+            (
+                "and",
+                [("window", {"left": 4, "right": 2}), ("prefix", {"prefix": np.array([6, 2])})],
+            ),
+        ),
+        (
+            masks.modality_mutual(types) | masks.sliding_window(1, 1),
+            ("or", [("modality", {"types": types}), ("window", {"left": 1, "right": 1})]),
+        ),
     ]
     monkeypatch.setattr(masks, "_BLOCK_MAP_CHUNK_ELEMS", chunk * 5 * 30)
     for spec, tree in cases:
         want = ref_block_map(ref_dense(tree, batch, 1, q_len, kv_len, offs), 5, 4)
         got = np.asarray(spec.block_map(batch, q_len, kv_len, 5, 4, jnp.asarray(offs)))
-        np.testing.assert_array_equal(np.broadcast_to(got[:, None], want.shape), want, err_msg=repr(spec))
+        np.testing.assert_array_equal(
+            np.broadcast_to(got[:, None], want.shape), want, err_msg=repr(spec)
+        )
 
 
 def test_causal_block_map_values():
     bm = np.asarray(masks.causal().block_map(1, 6, 6, 3, 3))
-    np.testing.assert_array_equal(bm[0], [[masks.PARTIAL, masks.EMPTY], [masks.FULL, masks.PARTIAL]])
+    np.testing.assert_array_equal(
+        bm[0], [[masks.PARTIAL, masks.EMPTY], [masks.FULL, masks.PARTIAL]]
+    )
 
 
 def test_algebra():
@@ -240,7 +266,7 @@ def test_algebra():
     ]
     d = [np.broadcast_to(np.asarray(s.dense(b, tq, tk, 2)), (b, 1, tq, tk)) for s in specs]
     a, c, p, s = specs
-    dense = lambda x: np.broadcast_to(np.asarray(x.dense(b, tq, tk, 2)), (b, 1, tq, tk))  # noqa: E731
+    dense = lambda x: np.broadcast_to(np.asarray(x.dense(b, tq, tk, 2)), (b, 1, tq, tk))
     np.testing.assert_array_equal(dense(a & c), d[0] & d[1])
     np.testing.assert_array_equal(dense(a | c), d[0] | d[1])
     np.testing.assert_array_equal(dense(~a), ~d[0])
@@ -274,7 +300,9 @@ def test_specs_are_pytrees_and_jit_arguments():
     d, bm = f(spec, jnp.array([2], jnp.int32))
     np.testing.assert_array_equal(d, spec.dense(1, 3, 5, 2))
     np.testing.assert_array_equal(bm, spec.block_map(1, 3, 5, 2, 2, 2))
-    bs = masks.block_sparse(2, 2, jnp.zeros((1, 3, 3, 1), jnp.int32), jnp.ones((1, 3, 3), jnp.int32))
+    bs = masks.block_sparse(
+        2, 2, jnp.zeros((1, 3, 3, 1), jnp.int32), jnp.ones((1, 3, 3), jnp.int32)
+    )
     assert jax.jit(lambda s: s.dense(1, 5, 5))(bs).shape == (1, 3, 5, 5)
     assert bs.num_heads == 3 and bs.block_map(1, 5, 5, 2, 2).shape == (1, 3, 3, 3)
 
