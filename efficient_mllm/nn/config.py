@@ -50,13 +50,16 @@ def _set(obj: Any, name: str, value: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, DictMixin):
+        return value.to_dict()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
 
 
-class _DictMixin:
-    """``from_dict`` / ``to_dict`` for the config dataclasses."""
+class DictMixin:
+    """``from_dict`` (unknown keys raise) / ``to_dict`` (JSON-friendly) / ``replace`` for the
+    frozen config dataclasses."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
@@ -89,7 +92,7 @@ class _DictMixin:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AttentionConfig(_DictMixin):
+class AttentionConfig(DictMixin):
     """Multi-head attention with GQA and a choice of rotary embedding.
 
     ``rope``: ``"rope"`` (1D, positions ``[B, T]``), ``"mrope"`` (Qwen2-VL, positions
@@ -235,7 +238,7 @@ class BlockConfig(AttentionConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VisionConfig(_DictMixin):
+class VisionConfig(DictMixin):
     """A ViT (Dosovitskiy et al., 2021, arXiv:2010.11929): patch embedding, optional CLS token,
     learned absolute positions or 2D RoPE, ``depth`` pre-LN blocks, final LayerNorm.
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from efficient_mllm import registry
 from efficient_mllm.kvcache.cache import KVCache
-from efficient_mllm.nn.config import BlockConfig, as_dtype
+from efficient_mllm.nn.config import BlockConfig, DictMixin, as_dtype
 from efficient_mllm.nn.layers import Embed, Linear, RMSNorm
 from efficient_mllm.nn.transformer import TransformerBlock
 from efficient_mllm.ops import masks as masks_lib
@@ -49,7 +49,7 @@ def _pos_int(name: str, value: Any) -> int:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LanguageConfig:
+class LanguageConfig(DictMixin):
     """Hyper-parameters of :class:`LanguageModel` (frozen, hashable, dict round-trip).
 
     ``head_dim`` defaults to ``width // heads``; ``kv_heads`` (GQA) defaults to ``heads``.
@@ -158,38 +158,6 @@ class LanguageConfig:
     def scaling(self) -> dict | None:
         """``rope_scaling`` as a dict (or None)."""
         return None if self.rope_scaling is None else dict(self.rope_scaling)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LanguageConfig:
-        if isinstance(d, cls):
-            return d
-        if not isinstance(d, Mapping):
-            raise ValueError(  # noqa: TRY004
-                f"LanguageConfig.from_dict: expected a mapping, got {type(d).__name__}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"LanguageConfig.from_dict: unknown key(s) {unknown}; expected keys among "
-                f"{sorted(names)}"
-            )
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-friendly dict (tuples as lists, ``rope_scaling`` as a dict)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "rope_scaling" and value is not None:
-                value = dict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-    def replace(self, **changes: Any) -> LanguageConfig:
-        return dataclasses.replace(self, **changes)
 
 
 @jax.tree_util.register_dataclass

@@ -37,7 +37,7 @@ from flax import nnx
 
 from efficient_mllm import registry
 from efficient_mllm.kvcache.cache import KVCache
-from efficient_mllm.nn.config import VisionConfig
+from efficient_mllm.nn.config import DictMixin, VisionConfig
 from efficient_mllm.nn.language import LanguageConfig, LanguageModel
 from efficient_mllm.nn.layers import Linear, activation
 from efficient_mllm.nn.vision import VisionEncoder
@@ -68,7 +68,7 @@ def _is_concrete(x: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MLLMConfig:
+class MLLMConfig(DictMixin):
     """Hyper-parameters of :class:`MLLM` (frozen, hashable, dict round-trip).
 
     * ``language``: :class:`LanguageConfig` (or its dict); ``vision``: ``VisionConfig`` / dict /
@@ -147,37 +147,6 @@ class MLLMConfig:
             return None
         gh, gw = self.vision.grid
         return (gh // self.pixel_shuffle, gw // self.pixel_shuffle)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MLLMConfig:
-        if isinstance(d, cls):
-            return d
-        if not isinstance(d, Mapping):
-            raise ValueError(  # noqa: TRY004
-                f"MLLMConfig.from_dict: expected a mapping, got {type(d).__name__}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"MLLMConfig.from_dict: unknown key(s) {unknown}; expected keys among "
-                f"{sorted(names)}"
-            )
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (``language`` / ``vision`` as dicts)."""
-        return {
-            "language": self.language.to_dict(),
-            "vision": None if self.vision is None else self.vision.to_dict(),
-            "projector": self.projector,
-            "pixel_shuffle": self.pixel_shuffle,
-            "image_token_id": self.image_token_id,
-            "compressor": self.compressor,
-        }
-
-    def replace(self, **changes: Any) -> MLLMConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def pixel_shuffle(x: jax.Array, grid: tuple[int, int], factor: int) -> jax.Array:
