@@ -21,13 +21,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.data.name = "shapes_vqa"
     c.data.knobs = dataset_knobs(
         "shapes_vqa",
-        image_size=32, min_objects=1, max_objects=3, min_object_size=0.25,
-        max_object_size=0.35, num_train=20000, num_validation=500, num_test=0, seed=0,
+        image_size=32, min_objects=1, max_objects=2, min_object_size=0.3,
+        max_object_size=0.45, num_train=30000, num_validation=500, num_test=0, seed=0,
     )
     c.model = ml_collections.ConfigDict(
         dict(
-            language=dict(vocab_size=0, width=128, depth=2, heads=4, mlp_dim=256),
-            vision=dict(image_size=0, patch_size=4, width=96, depth=2, heads=4, mlp_dim=192,
+            language=dict(vocab_size=0, width=96, depth=2, heads=4, mlp_dim=192),
+            vision=dict(image_size=0, patch_size=4, width=64, depth=1, heads=4, mlp_dim=128,
                         use_cls=False),
             projector="mlp2x_gelu",
             pixel_shuffle=2,
@@ -35,8 +35,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             compressor=ml_collections.FieldReference(None, field_type=str),
         )
     )
-    c.train.steps = 1500
-    c.train.batch_size = 64
+    c.train.steps = 2000
+    c.train.batch_size = 128
     c.train.lr = 2e-3
     c.train.warmup_steps = 100
     c.train.min_lr_ratio = 0.05

@@ -53,18 +53,3 @@ def logical_param(value, names):
             f"{tuple(value.shape)}"
         )
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def cost_flops(lowered):
-    """FLOPs from ``jax.jit(f).lower(...).cost_analysis()`` (a dict, or a one-element list of
-    dicts in some versions); ``None`` when the backend reports none."""
-    try:
-        ca = lowered.cost_analysis()
-    except Exception:
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return None
-    flops = float(ca["flops"])
-    return flops if flops > 0 else None

@@ -172,7 +172,7 @@ class Registry:
 
 
 ATTENTION = Registry("attention", ("efficient_mllm.ops.attention",))
-COMPRESSORS = Registry("compressor")
+COMPRESSORS = Registry("compressor", ("efficient_mllm.compress",))
 KV_PRESSES = Registry("kv_press")
 DATASETS = Registry("dataset", ("efficient_mllm.data",))
 MODELS = Registry("model")

@@ -29,7 +29,7 @@ def main(argv):
     import jax
 
     from efficient_mllm.train.loop import build_components, train_and_evaluate
-    from experiments.train import headline
+    from efficient_mllm.train.report import headline
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value

@@ -21,21 +21,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config.name>).")
 
 
-def headline(final: dict) -> str:
-    """One line with the main validation numbers."""
-    parts = []
-    for key, label in (("accuracy", "exact-match accuracy"), ("tf_accuracy", "teacher-forced accuracy"),
-                       ("perplexity", "answer perplexity")):
-        if key in final:
-            v = final[key]
-            parts.append(f"{label} {100 * v:.1f}%" if "accuracy" in key else f"{label} {v:.3f}")
-    return ", ".join(parts) if parts else "no evaluation metrics"
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
     from efficient_mllm.train.loop import train_and_evaluate
+    from efficient_mllm.train.report import headline
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", cfg.name)

@@ -10,7 +10,15 @@ relevance, diversity, ...) plus these shared pieces:
   each output slot), used by ToMe-style merging, VisionZip's contextual tokens, PruMerge+ and
   recycling;
 * :func:`nearest_assign` -- assigns every token to its most similar kept token;
-* :class:`Compressed` -- what a compressor returns (the contract in ``docs/interfaces.md``).
+* :func:`kcenter_select` -- greedy max-min (farthest-point / k-center) diversity selection in
+  cosine distance (DivPrune, ToDRE), ``O(k N D)`` in a ``lax.fori_loop``;
+* :func:`grid_budget` / :func:`band_centres` -- a ``rows x cols`` output grid for a budget and
+  the representative input cell of each output cell (uniform sampling, pooling, DCT);
+* :func:`sort_slots` -- reorders output slots by ``keep_idx`` (valid first);
+* :func:`check_budget` / :func:`check_tokens` / :func:`require` -- argument checks with
+  messages that name the argument and its value;
+* :class:`Compressed` / :func:`compressed` -- what a compressor returns (the contract in
+  ``docs/interfaces.md``).
 
 Budgets are static Python ints (no data-dependent shapes under ``jit``); adaptive methods keep a
 static capacity ``K`` and mark unused slots with ``valid = False``.
@@ -36,6 +44,15 @@ __all__ = [
     "nearest_assign",
     "cosine_similarity",
     "masked_scores",
+    "grid_shape",
+    "grid_budget",
+    "band_centres",
+    "sort_slots",
+    "kcenter_select",
+    "check_budget",
+    "check_tokens",
+    "require",
+    "compressed",
 ]
 
 
@@ -198,3 +215,155 @@ def grid_shape(grid: tuple[int, int] | None, n: int) -> tuple[int, int]:
     if gh * gw != n:
         raise ValueError(f"grid={tuple(grid)} holds {gh * gw} tokens but {n} were given")
     return gh, gw
+
+
+def check_budget(budget: Any, name: str = "keep") -> int | float:
+    """Factory-time check of a budget (before ``N`` is known): an int ``>= 1`` or a fraction in
+    ``(0, 1]``. Returns it unchanged; :func:`resolve_budget` checks it against ``N`` later."""
+    ok_int = isinstance(budget, (int, np.integer)) and not isinstance(budget, bool) and budget >= 1
+    ok_frac = isinstance(budget, (float, np.floating)) and 0.0 < budget <= 1.0
+    if not (ok_int or ok_frac):
+        raise ValueError(
+            f"{name}={budget!r}: expected an int token count >= 1 or a fraction in (0, 1]"
+        )
+    return budget
+
+
+def check_tokens(tokens: Any, name: str = "tokens") -> tuple[int, int, int]:
+    """``(B, N, D)`` of a float ``[B, N, D]`` array, else ``ValueError`` naming ``name``."""
+    shape = tuple(getattr(tokens, "shape", ()))
+    dtype = getattr(tokens, "dtype", None)
+    if len(shape) != 3 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name} shape={shape} dtype={dtype}: expected a float array [B, N, D]"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def require(value: Any, name: str, method: str, hint: str = "") -> Any:
+    """Returns ``value``, or raises ``ValueError`` saying that ``method`` needs ``name``."""
+    if value is None:
+        raise ValueError(f"{method} needs {name} but got {name}=None" + (f"; {hint}" if hint else ""))
+    return value
+
+
+def compressed(
+    tokens: jax.Array,
+    keep_idx: jax.Array,
+    valid: jax.Array | None = None,
+    *,
+    position_ids: Any = None,
+    **stats: jax.Array,
+) -> Compressed:
+    """A :class:`Compressed` with ``valid`` defaulting to all True and ``stats["num_kept"]``
+    (valid slots per row) added to ``stats``."""
+    keep_idx = jnp.asarray(keep_idx, jnp.int32)
+    if valid is None:
+        valid = jnp.ones(keep_idx.shape, bool)
+    stats = {"num_kept": jnp.sum(valid, axis=1).astype(jnp.int32), **stats}
+    return Compressed(tokens, keep_idx, valid, position_ids, stats)
+
+
+def sort_slots(
+    keep_idx: jax.Array, valid: jax.Array | None, *arrays: jax.Array
+) -> tuple[jax.Array, ...]:
+    """Reorders output slots so valid slots come first, each group ascending in ``keep_idx``.
+
+    Returns ``(keep_idx, valid, *arrays)`` with every ``[B, K, ...]`` array permuted alike
+    (``valid`` stays None when None). Used where a method builds its slots out of order
+    (VisionZip's dominant + contextual tokens)."""
+    key = keep_idx.astype(jnp.int32)
+    if valid is not None:
+        key = jnp.where(valid, key, key + (1 << 30))
+    order = jnp.argsort(key, axis=1, stable=True)
+    out = [jnp.take_along_axis(keep_idx, order, axis=1)]
+    out.append(None if valid is None else jnp.take_along_axis(valid, order, axis=1))
+    out.extend(gather_tokens(a, order) for a in arrays)
+    return tuple(out)
+
+
+def grid_budget(budget: int | float, grid: tuple[int, int], *, name: str = "keep") -> tuple[int, int]:
+    """An output grid ``(kh, kw)`` with ``kh <= gh``, ``kw <= gw`` for a budget over ``grid``.
+
+    An int ``K`` must factor as ``kh * kw == K`` within the grid; the factorisation whose
+    aspect ratio is closest to the grid's is chosen (``ValueError`` when none fits). A fraction
+    ``f`` scales each side by ``sqrt(f)`` (rounded, at least 1), so ``kh * kw ~= f * N``.
+    """
+    gh, gw = (int(g) for g in grid)
+    n = gh * gw
+    check_budget(budget, name)
+    if isinstance(budget, (float, np.floating)):
+        r = math.sqrt(float(budget))
+        return max(1, int(round(gh * r))), max(1, int(round(gw * r)))
+    k = resolve_budget(budget, n, name=name)
+    pairs = [(a, k // a) for a in range(1, k + 1) if k % a == 0 and a <= gh and k // a <= gw]
+    if not pairs:
+        raise ValueError(
+            f"{name}={k}: cannot be arranged as rows x cols within the {gh}x{gw} token grid"
+        )
+    target = math.log(gh / gw)
+    return min(pairs, key=lambda p: (round(abs(math.log(p[0] / p[1]) - target), 9), p[0]))
+
+
+def band_centres(grid: tuple[int, int], out_grid: tuple[int, int]) -> np.ndarray:
+    """Static raster indices ``[kh * kw]`` of the representative input cell of each cell of a
+    ``kh x kw`` output grid: the grid is cut into ``kh`` (``kw``) equal bands of rows (columns)
+    and each band is represented by its centre row ``floor((i + 1/2) * gh / kh)`` (column
+    likewise). With ``gh = s * kh`` this is the strided subsample ``s // 2 + s * i``."""
+    gh, gw = (int(g) for g in grid)
+    kh, kw = (int(g) for g in out_grid)
+    if not (1 <= kh <= gh and 1 <= kw <= gw):
+        raise ValueError(f"out_grid={tuple(out_grid)}: expected 1 <= (kh, kw) <= {(gh, gw)}")
+    rows = ((2 * np.arange(kh) + 1) * gh) // (2 * kh)
+    cols = ((2 * np.arange(kw) + 1) * gw) // (2 * kw)
+    return (rows[:, None] * gw + cols[None, :]).reshape(-1).astype(np.int32)
+
+
+def kcenter_select(
+    x: jax.Array,
+    k: int,
+    *,
+    first: jax.Array,
+    bonus: jax.Array | None = None,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy max-min diversity selection (Gonzalez's k-center / farthest-point sampling) in
+    cosine distance ``d(i, j) = 1 - cos(x_i, x_j)``.
+
+    ``x [B, N, D]``; ``first`` int32 ``[B]``: the first centre (the caller's rule). Then, ``k -
+    1`` times, the unselected valid token maximising ``min_{s in S} d(j, s) + bonus_j`` joins
+    ``S`` (``bonus [B, N]``, default 0; ties -> lower index). One distance row per step, so the
+    cost is ``O(k N D)`` time and ``O(N)`` state (no ``N x N`` matrix). Returns
+    ``(idx int32 [B, k] ascending, selected_valid [B, k])`` like :func:`topk_select`.
+    """
+    b, n, _ = x.shape
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
+        raise ValueError(f"k={k!r}: expected a static int in [1, {n}]")
+    k = int(k)
+    xf = x.astype(jnp.float32)
+    xn = xf / jnp.maximum(jnp.linalg.norm(xf, axis=-1, keepdims=True), 1e-6)
+    bonus = jnp.zeros((b, n), jnp.float32) if bonus is None else bonus.astype(jnp.float32)
+    ok_in = jnp.ones((b, n), bool) if valid is None else jnp.asarray(valid, bool)
+    rows = jnp.arange(b)
+    first = jnp.asarray(first, jnp.int32)
+
+    def dist_to(j):
+        return 1.0 - jnp.einsum("bnd,bd->bn", xn, xn[rows, j])
+
+    taken = jnp.zeros((b, n), bool).at[rows, first].set(True)
+    sel = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first)
+    ok = jnp.zeros((b, k), bool).at[:, 0].set(ok_in[rows, first])
+
+    def step(t, carry):
+        sel, ok, taken, mind = carry
+        score = jnp.where(taken | ~ok_in, -jnp.inf, mind + bonus)
+        j = jnp.argmax(score, axis=1).astype(jnp.int32)
+        found = score[rows, j] > -jnp.inf
+        sel = sel.at[:, t].set(j)
+        ok = ok.at[:, t].set(found)
+        taken = taken.at[rows, j].set(True)
+        return sel, ok, taken, jnp.minimum(mind, dist_to(j))
+
+    sel, ok, _, _ = jax.lax.fori_loop(1, k, step, (sel, ok, taken, dist_to(first)))
+    sel, ok = sort_slots(sel, ok)
+    return sel, ok

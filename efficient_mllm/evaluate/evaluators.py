@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ def extract_answers(batch: Mapping[str, Any]) -> list[list[int]]:
     _check_batch(batch, ("tokens", "lengths", "prompt_lengths"))
     tokens = host(batch["tokens"])
     out = []
-    for row, p, n in zip(tokens, host(batch["prompt_lengths"]), host(batch["lengths"])):
+    for row, p, n in zip(tokens, host(batch["prompt_lengths"]), host(batch["lengths"]), strict=True):
         if not 0 < p < n <= tokens.shape[1]:
             raise ValueError(
                 f"prompt_lengths {int(p)} / lengths {int(n)}; expected 0 < prompt_length < length "

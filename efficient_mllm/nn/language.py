@@ -11,7 +11,9 @@ the valid-token counts, the extra mask and ``token_index`` (for each current row
 the input sequence). In-LLM compressors (FastV, SparseVLM, MoD routing) drop or reorder tokens by
 gathering ``hidden``, ``state.positions`` and ``state.token_index`` consistently (and rebuilding
 ``state.mask`` / ``state.lengths``); scores come from a probe such as
-``model.blocks[i].attention_row(...)`` (close over the model). ``state.extra`` is a dict the hook
+``compress.probe.block_probe(model.blocks[i], ...)`` (close over the model). A ``block_fn`` wraps
+each block instead (mixture-of-depths: only routed tokens enter the block and its cache, the
+others keep their hidden state). ``state.extra`` is a dict the hook
 owns (statistics, routing weights) and is returned in :class:`LanguageOutput`. When the hook
 changed ``token_index``, the final hidden states are scattered back to the input layout (dropped
 tokens get zeros) so ``hidden``/``logits`` always index the input sequence. With a cache, each
@@ -195,6 +197,45 @@ class LanguageOutput(NamedTuple):
 
 
 LayerHook = Callable[[int, jax.Array, LayerState], "tuple[jax.Array, LayerState]"]
+BlockFn = Callable[[int, Callable, jax.Array, LayerState], "tuple[jax.Array, LayerState]"]
+
+
+def _run_block(block, x: jax.Array, state: LayerState, layer_cache, parts: bool = False):
+    """One decoder block on ``x`` (valid tokens first, ``state.lengths`` of them per row):
+    causal + padding (+ ``state.mask``) attention; with ``layer_cache`` the tokens' keys/values
+    are appended and its length advances by ``state.lengths`` (padding slots are reused).
+    With ``parts`` it returns ``((residual, mlp_out), cache)`` of the pre-norm block instead of
+    ``residual + mlp_out`` (``residual = x + attn(norm(x))``, ``mlp_out = mlp(norm(residual))``).
+    """
+    cur_t = x.shape[1]
+    spec = masks_lib.causal()
+    if layer_cache is None:
+        q_offset = None
+        if state.lengths is not None:
+            spec = spec & masks_lib.padding(state.lengths)
+    else:
+        q_offset = layer_cache.length
+        spec = spec & masks_lib.padding(q_offset + cur_t)
+    if state.mask is not None:
+        spec = spec & state.mask
+    if parts:
+        h, new_cache = block.attn(
+            block.attn_norm(x),
+            positions=state.positions,
+            mask=spec,
+            q_offset=q_offset,
+            cache=layer_cache,
+        )
+        residual = x + h
+        x = (residual, block.mlp(block.mlp_norm(residual)))
+    else:
+        x, new_cache = block(
+            x, positions=state.positions, mask=spec, q_offset=q_offset, cache=layer_cache
+        )
+    if layer_cache is not None:
+        added = cur_t if state.lengths is None else state.lengths
+        new_cache = new_cache.replace(length=layer_cache.length + added)
+    return x, new_cache
 
 
 def default_positions(batch: int, length: int, rope_type: str, start: jax.Array | None = None):
@@ -270,6 +311,7 @@ class LanguageModel(nnx.Module):
         mask: Any = None,
         cache: KVCache | None = None,
         layer_hook: LayerHook | None = None,
+        block_fn: BlockFn | None = None,
         logits_at: jax.Array | None = None,
     ) -> LanguageOutput:
         """Runs the decoder.
@@ -286,6 +328,14 @@ class LanguageModel(nnx.Module):
             ``old + lengths`` (padding slots are reused by the next call) and
             ``cache.positions`` is one past the largest valid position id.
           layer_hook: ``hook(layer_idx, hidden, state) -> (hidden, state)`` before each block.
+          block_fn: ``block_fn(layer_idx, run, hidden, state) -> (hidden, state)`` wraps each
+            block: ``run(h, s) -> h_out`` runs block ``layer_idx`` on the tokens ``h``
+            (``[B, T', D]``, ``s`` their :class:`LayerState`: positions, valid-first layout with
+            ``s.lengths``) and writes exactly their keys/values to the cache (length advances by
+            ``s.lengths``); ``run(h, s, parts=True) -> (residual, mlp_out)`` returns the two
+            terms of the pre-norm block's output. It must be called once per layer.
+            Mixture-of-depths routing uses it: only routed tokens enter the block and the
+            layer's cache, the others skip it.
           logits_at: int32 ``[B, Q]`` input indices at which to compute logits (saves the
             ``[B, T, V]`` head); default all positions.
         """
@@ -337,25 +387,24 @@ class LanguageModel(nnx.Module):
         for i, block in enumerate(self.blocks):
             if layer_hook is not None:
                 x, state = layer_hook(i, x, state)
-            cur_t = x.shape[1]
-            spec = masks_lib.causal()
-            if cache is None:
-                q_offset = None
-                if state.lengths is not None:
-                    spec = spec & masks_lib.padding(state.lengths)
-                layer_cache = None
+            layer_cache = None if cache is None else cache.layers[i]
+            written: list = []
+
+            def run(h, s, parts=False, block=block, layer_cache=layer_cache, written=written, i=i):
+                if written:
+                    raise ValueError(f"block_fn called run() twice at layer {i}: expected once")
+                h, c = _run_block(block, h, s, layer_cache, parts)
+                written.append(c)
+                return h
+
+            if block_fn is None:
+                x = run(x, state)
             else:
-                layer_cache = cache.layers[i]
-                q_offset = layer_cache.length
-                spec = spec & masks_lib.padding(q_offset + cur_t)
-            if state.mask is not None:
-                spec = spec & state.mask
-            x, new_cache = block(
-                x, positions=state.positions, mask=spec, q_offset=q_offset, cache=layer_cache
-            )
+                x, state = block_fn(i, run, x, state)
+                if not written:
+                    raise ValueError(f"block_fn did not call run() at layer {i}: expected once")
             if cache is not None:
-                added = cur_t if state.lengths is None else state.lengths
-                new_layers.append(new_cache.replace(length=layer_cache.length + added))
+                new_layers.append(written[0])
 
         x = self.norm(x)
         if state.token_index is not token_index:

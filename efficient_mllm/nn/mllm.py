@@ -56,7 +56,10 @@ __all__ = [
 
 PROJECTORS = ("mlp2x_gelu",)
 # Context a compressor factory may ask for (by naming the argument) when it is built.
-_COMPRESSOR_BUILD_ARGS = ("dim", "vision_dim", "grid", "num_tokens", "dtype", "param_dtype", "rngs")
+_COMPRESSOR_BUILD_ARGS = (
+    "dim", "vision_dim", "grid", "num_tokens", "num_layers", "dtype", "param_dtype", "rngs"
+)
+COMPRESSOR_STAGES = ("pre_llm", "in_llm")
 
 
 def _is_concrete(x: Any) -> bool:
@@ -77,8 +80,11 @@ class MLLMConfig(DictMixin):
       ``s >= 1`` merges each ``s x s`` patch neighbourhood into the channels first (``s*s``
       fewer tokens; the patch grid must be divisible by ``s``).
     * ``image_token_id``: the placeholder id in ``tokens`` (required with ``vision``).
-    * ``compressor``: ``registry.COMPRESSORS`` spec string (``"visionzip(dominant=54, ...)"``)
-      applied to the projected image tokens before the LLM, or None.
+    * ``compressor``: ``registry.COMPRESSORS`` spec string (``"visionzip(dominant=54, ...)"``,
+      ``"fastv(layer=2, keep=64)"``), or a tuple of specs with at most one per stage (a
+      ``pre_llm`` one applied to the projected image tokens before the LLM and an ``in_llm`` one
+      acting inside the decoder), or None. The built object's ``stage`` attribute says which
+      (default ``"pre_llm"``).
     """
 
     language: Any
@@ -86,7 +92,7 @@ class MLLMConfig(DictMixin):
     projector: str = "mlp2x_gelu"
     pixel_shuffle: int = 1
     image_token_id: int | None = None
-    compressor: str | None = None
+    compressor: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         lang = self.language
@@ -138,7 +144,14 @@ class MLLMConfig(DictMixin):
                     f"MLLMConfig.compressor={self.compressor!r} needs a vision config "
                     "(got vision=None)"
                 )
-            registry.parse_spec(self.compressor)
+            specs = self.compressor
+            if isinstance(specs, (list, tuple)):
+                specs = tuple(specs)
+                if not specs:
+                    raise ValueError("MLLMConfig.compressor=(): expected a spec string or None")
+                object.__setattr__(self, "compressor", specs)
+            for spec in specs if isinstance(specs, tuple) else (specs,):
+                registry.parse_spec(spec)
 
     @property
     def grid(self) -> tuple[int, int] | None:
@@ -242,6 +255,10 @@ def splice_layout(placeholder: jax.Array, num_image: jax.Array, text_len: int, n
     return is_image, text_src, image_src, text_index
 
 
+def _identity_hook(i, hidden, state):
+    return hidden, state
+
+
 def _call_with_accepted(fn: Callable, args: tuple, kwargs: dict) -> Any:
     """Calls ``fn(*args, **kw)`` with the subset of ``kwargs`` its signature accepts."""
     target = fn.__call__ if isinstance(fn, nnx.Module) else fn
@@ -291,9 +308,13 @@ class MLLM(nnx.Module):
                 rngs=rngs,
             )
         )
+        # ``compressor``: the pre-LLM one (called by ``encode_images``); ``in_llm_compressor``:
+        # the one acting inside the decoder (``make_hooks``, see ``_in_llm_hooks``).
         self.compressor = None
-        if cfg.compressor is not None:
-            name, spec_kwargs = registry.parse_spec(cfg.compressor)
+        self.in_llm_compressor = None
+        specs = cfg.compressor
+        for spec in () if specs is None else specs if isinstance(specs, tuple) else (specs,):
+            name, spec_kwargs = registry.parse_spec(spec)
             entry = registry.COMPRESSORS.get(name)  # raises RegistryError if unknown
             params = inspect.signature(entry.factory).parameters
             gh, gw = cfg.grid
@@ -302,6 +323,7 @@ class MLLM(nnx.Module):
                 "vision_dim": cfg.vision.width,
                 "grid": (gh, gw),
                 "num_tokens": gh * gw,
+                "num_layers": lang.depth,
                 "dtype": lang.compute_dtype,
                 "param_dtype": jnp.dtype(lang.param_dtype),
                 "rngs": rngs,
@@ -311,7 +333,24 @@ class MLLM(nnx.Module):
                 for k in _COMPRESSOR_BUILD_ARGS
                 if k in params and k not in spec_kwargs
             }
-            self.compressor = registry.COMPRESSORS.build(cfg.compressor, **extra)
+            built = registry.COMPRESSORS.build(spec, **extra)
+            stage = getattr(built, "stage", "pre_llm")
+            if stage not in COMPRESSOR_STAGES:
+                raise ValueError(
+                    f"compressor {spec!r} has stage={stage!r}: expected one of "
+                    f"{COMPRESSOR_STAGES}"
+                )
+            attr = "compressor" if stage == "pre_llm" else "in_llm_compressor"
+            if getattr(self, attr) is not None:
+                raise ValueError(
+                    f"MLLMConfig.compressor={specs!r}: more than one {stage!r} compressor"
+                )
+            if stage == "in_llm" and not hasattr(built, "make_hooks"):
+                raise ValueError(
+                    f"compressor {spec!r} has stage='in_llm' but no make_hooks(language, ...)"
+                )
+            # ``nnx.data``: the attribute was first set to None (static); a module is data.
+            setattr(self, attr, nnx.data(built) if isinstance(built, nnx.Module) else built)
 
     # -- images ------------------------------------------------------------------------------
 
@@ -340,7 +379,9 @@ class MLLM(nnx.Module):
         signature names (all of them if it takes ``**kwargs``): ``positions`` relative ids of
         the ``N`` tokens (``[B, N]`` rope / ``[3, B, N]`` mrope), ``grid`` the static token grid,
         ``cls_attention [B, N]`` the ViT's CLS attention (summed over pixel-shuffle cells;
-        computed only when asked for), ``features [B, N, s*s*Dv]`` the pre-projector features,
+        computed only when asked for), ``layer_cls_attention [B, L, N]`` the same probe of
+        the ViT blocks listed in the compressor's ``cls_attention_layers`` attribute (None
+        without it), ``features [B, N, s*s*Dv]`` the pre-projector features,
         ``cls`` the ViT CLS token ``[B, Dv]`` or None, and ``context`` (e.g. ``text_embeds``,
         ``text_lengths``, ``placeholder``). It returns an object with ``tokens [B, K, D]``,
         ``keep_idx [B, K]`` and optionally ``valid [B, K]`` and ``position_ids`` (relative, same
@@ -349,7 +390,14 @@ class MLLM(nnx.Module):
         cfg = self.cfg
         self._check_images(images)
         want_cls_attn = self.compressor is not None and _accepts(self.compressor, "cls_attention")
-        vis = self.vision(images, return_cls_attention=want_cls_attn)
+        # A compressor that probes several ViT blocks (VTC-CLS) names them in its
+        # ``cls_attention_layers`` attribute and receives ``layer_cls_attention [B, L, N]``.
+        layers = None
+        if self.compressor is not None and _accepts(self.compressor, "layer_cls_attention"):
+            layers = getattr(self.compressor, "cls_attention_layers", None)
+        vis = self.vision(
+            images, return_cls_attention=want_cls_attn, cls_attention_layers=layers
+        )
         grid = cfg.grid
         s = cfg.pixel_shuffle
         tokens = self.projector(vis.patches, vis.grid)
@@ -366,14 +414,19 @@ class MLLM(nnx.Module):
         if self.compressor is None:
             keep_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
             return ImageTokens(tokens, jnp.ones((b, n), bool), keep_idx, rel, span)
-        cls_attn = vis.cls_attention
-        if cls_attn is not None and s > 1:
+
+        def cell_sum(a):  # [..., Np] -> [..., N]: summed over each pixel-shuffle cell
+            if a is None or s == 1:
+                return a
             g0, g1 = vis.grid
-            cls_attn = cls_attn.reshape(b, g0 // s, s, g1 // s, s).sum(axis=(2, 4)).reshape(b, n)
+            lead = a.shape[:-1]
+            return a.reshape(*lead, g0 // s, s, g1 // s, s).sum(axis=(-3, -1)).reshape(*lead, n)
+
         kwargs = dict(
             positions=rel,
             grid=grid,
-            cls_attention=cls_attn,
+            cls_attention=cell_sum(vis.cls_attention),
+            layer_cls_attention=cell_sum(vis.layer_cls_attention),
             features=pixel_shuffle(vis.patches, vis.grid, s),
             cls=vis.cls,
             **dict(context or {}),
@@ -421,7 +474,14 @@ class MLLM(nnx.Module):
         graphdef, state = nnx.split(self)
 
         def f(state, images):
-            return nnx.merge(graphdef, state).encode_images(images).tokens
+            # Shape-only: a one-token dummy prompt stands in for the text context.
+            b = images.shape[0]
+            ctx = {
+                "text_embeds": jnp.zeros((b, 1, self.cfg.language.width), jnp.float32),
+                "text_lengths": jnp.ones((b,), jnp.int32),
+                "placeholder": jnp.zeros((b,), jnp.int32),
+            }
+            return nnx.merge(graphdef, state).encode_images(images, context=ctx).tokens
 
         return int(jax.eval_shape(f, state, jax.ShapeDtypeStruct(shape, jnp.float32)).shape[1])
 
@@ -563,6 +623,7 @@ class MLLM(nnx.Module):
         *,
         lengths: jax.Array | None = None,
         layer_hook: Callable | None = None,
+        prompt_lengths: jax.Array | None = None,
     ) -> MLLMOutput:
         """``tokens [B, T]`` (+ ``images [B, H, W, C]``) -> :class:`MLLMOutput`.
 
@@ -572,18 +633,91 @@ class MLLM(nnx.Module):
         (decoder position of each text token's logits), ``token_types [B, L]``
         (``ops.masks`` TEXT/IMAGE/PAD), ``positions`` (decoder position ids), ``hook_extra``
         (``state.extra`` of ``layer_hook``), and with images ``keep_idx`` / ``image_valid
-        [B, K]``.
+        [B, K]``. With an ``in_llm`` compressor, ``visual_tokens_per_layer [B, depth]`` (image
+        tokens each decoder block processed) when the compressor records it.
+
+        ``prompt_lengths`` int32 ``[B]`` (in-LLM compressors only): the first
+        ``prompt_lengths`` tokens are the prompt; only they serve as the probe's query rows
+        (e.g. FastV's last token is the last prompt token), so a forward pass over prompt +
+        answer drops the same image tokens as ``prefill`` of the prompt. Default: all tokens.
         """
         embeds, positions, spliced_lengths, aux = self.embed_inputs(tokens, images, lengths)
+        query_end = spliced_lengths
+        if prompt_lengths is not None:
+            pl = jnp.asarray(prompt_lengths, jnp.int32)
+            if pl.shape != spliced_lengths.shape:
+                raise ValueError(
+                    f"prompt_lengths shape={tuple(pl.shape)}: expected int "
+                    f"[{spliced_lengths.shape[0]}]"
+                )
+            last = jnp.clip(pl - 1, 0, aux["text_index"].shape[1] - 1)
+            end = jnp.take_along_axis(aux["text_index"], last[:, None], axis=1)[:, 0] + 1
+            query_end = jnp.where(pl > 0, jnp.minimum(end, spliced_lengths), 0)
+        hook, block_fn = self._in_llm_hooks(images, aux, query_end, layer_hook)
         out = self.language(
             embeds,
             positions=positions,
             lengths=spliced_lengths,
-            layer_hook=layer_hook,
-            logits_at=aux["text_index"],
+            layer_hook=hook,
+            block_fn=block_fn,
+            # After an in-LLM drop the logits are read below (dropped positions remapped).
+            logits_at=aux["text_index"]
+            if hook is layer_hook
+            else jnp.zeros((embeds.shape[0], 1), jnp.int32),
         )
+        logits = out.logits
+        if hook is not layer_hook:
+            logits = self._logits_after_drop(out, aux["text_index"])
         aux = {**aux, "positions": positions, "hook_extra": out.state.extra}
-        return MLLMOutput(logits=out.logits, aux=aux)
+        if "visual_tokens" in out.state.extra:
+            aux["visual_tokens_per_layer"] = out.state.extra["visual_tokens"]
+        return MLLMOutput(logits=logits, aux=aux)
+
+    def _in_llm_hooks(self, images, aux, query_end, layer_hook):
+        """``(layer_hook, block_fn)`` for the decoder: the user's ``layer_hook`` composed with
+        the ``in_llm`` compressor's hooks (``make_hooks(language, token_types=[B, L],
+        query_end=[B], num_image_tokens=N)``); the user's hook alone without images or without
+        an in-LLM compressor."""
+        comp = self.in_llm_compressor
+        if comp is None or images is None:
+            return layer_hook, None
+        n = int(aux["keep_idx"].shape[1])
+        comp_hook, block_fn = comp.make_hooks(
+            self.language,
+            token_types=aux["token_types"],
+            query_end=query_end,
+            num_image_tokens=n,
+        )
+        if comp_hook is None:
+            comp_hook = _identity_hook
+        if layer_hook is None:
+            return comp_hook, block_fn
+
+        def hook(i, h, state):
+            h, state = layer_hook(i, h, state)
+            return comp_hook(i, h, state)
+
+        return hook, block_fn
+
+    def _logits_after_drop(self, out, index: jax.Array) -> jax.Array:
+        """Logits at input positions ``index [B, Q]`` when in-LLM compression dropped tokens: a
+        dropped position reads the last kept position before it (the token that precedes the
+        next one in the shortened sequence, e.g. the last kept image token for the image
+        placeholder)."""
+        state = out.state
+        b, length = out.hidden.shape[:2]
+        cur = state.token_index.shape[1]
+        ok = (
+            jnp.ones((b, cur), bool)
+            if state.lengths is None
+            else jnp.arange(cur)[None, :] < state.lengths[:, None]
+        )
+        rows = jnp.arange(b)[:, None]
+        kept = jnp.zeros((b, length), bool).at[rows, state.token_index].max(ok, mode="drop")
+        ar = jnp.arange(length, dtype=jnp.int32)[None, :]
+        src = jax.lax.cummax(jnp.where(kept, ar, -1), axis=1)
+        src = jnp.maximum(jnp.take_along_axis(src, index, axis=1), 0)
+        return self.language.head(jnp.take_along_axis(out.hidden, src[:, :, None], axis=1))
 
     def prefill(
         self,
@@ -603,10 +737,21 @@ class MLLM(nnx.Module):
             tokens, images, lengths, start=cache.positions
         )
         last = jnp.maximum(spliced_lengths - 1, 0)[:, None]
+        hook, block_fn = self._in_llm_hooks(images, aux, spliced_lengths, None)
         out = self.language(
-            embeds, positions=positions, lengths=spliced_lengths, cache=cache, logits_at=last
+            embeds,
+            positions=positions,
+            lengths=spliced_lengths,
+            cache=cache,
+            layer_hook=hook,
+            block_fn=block_fn,
+            logits_at=last,
         )
-        return out.logits[:, 0], out.cache, {**aux, "positions": positions}
+        logits = out.logits if hook is None else self._logits_after_drop(out, last)
+        aux = {**aux, "positions": positions, "hook_extra": out.state.extra}
+        if "visual_tokens" in out.state.extra:
+            aux["visual_tokens_per_layer"] = out.state.extra["visual_tokens"]
+        return logits[:, 0], out.cache, aux
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One decode step: ``tokens [B, 1]`` -> (float32 logits ``[B, V]``, cache)."""

@@ -38,16 +38,22 @@ class VisionOutput:
       Without CLS: the softmax row over the ``Np`` patch keys of the mean patch query
       ``q_bar = mean_i q_i`` (post-RoPE), summing to 1.
     * ``grid = (gh, gw)``: patches per column and per row.
+    * ``layer_cls_attention [B, L, Np] | None`` (``cls_attention_layers=(l_1, ..., l_L)``),
+      float32: the same probe of each listed block (index into the blocks, negative from the
+      end), computed on that block's input, in the listed order (VTC-CLS's layer ensemble).
     """
 
     patches: jax.Array
     cls: jax.Array | None
     cls_attention: jax.Array | None
     grid: tuple[int, int]
+    layer_cls_attention: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    VisionOutput, data_fields=["patches", "cls", "cls_attention"], meta_fields=["grid"]
+    VisionOutput,
+    data_fields=["patches", "cls", "cls_attention", "layer_cls_attention"],
+    meta_fields=["grid"],
 )
 
 
@@ -136,19 +142,44 @@ class VisionEncoder(nnx.Module):
             positions = rope_ops.rope_2d_positions(grid, batch=b, prefix=int(cfg.use_cls))
         return x, positions, grid
 
-    def __call__(self, images: jax.Array, *, return_cls_attention: bool = False) -> VisionOutput:
-        """``images [B, H, W, C]`` (normalised float) -> :class:`VisionOutput`."""
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        return_cls_attention: bool = False,
+        cls_attention_layers: tuple[int, ...] | None = None,
+    ) -> VisionOutput:
+        """``images [B, H, W, C]`` (normalised float) -> :class:`VisionOutput`.
+
+        ``cls_attention_layers``: block indices (negative from the end) whose probe rows fill
+        ``layer_cls_attention``; None (default) computes none."""
         cfg = self.cfg
+        depth = len(self.blocks)
+        layers = ()
+        if cls_attention_layers is not None:
+            ok = isinstance(cls_attention_layers, (tuple, list)) and all(
+                isinstance(i, int) and not isinstance(i, bool) and -depth <= i < depth
+                for i in cls_attention_layers
+            )
+            if not ok or not cls_attention_layers:
+                raise ValueError(
+                    f"cls_attention_layers={cls_attention_layers!r}: expected a non-empty tuple "
+                    f"of block indices in [-{depth}, {depth}) (the ViT has depth {depth})"
+                )
+            layers = tuple(i % depth for i in cls_attention_layers)
         x, positions, grid = self.embed(images)
         n_cls = int(cfg.use_cls)
         probe = None
-        last = len(self.blocks) - 1
+        rows = {}
+        last = depth - 1
         for i, block in enumerate(self.blocks):
-            if return_cls_attention and i == last:
+            if (return_cls_attention and i == last) or i in layers:
                 row = block.attention_row(
                     x, positions=positions, query_index=0 if n_cls else "mean"
-                )
-                probe = row[:, n_cls:]
+                )[:, n_cls:]
+                rows[i] = row
+                if return_cls_attention and i == last:
+                    probe = row
             x, _ = block(x, positions=positions)
         x = self.norm(x)
         return VisionOutput(
@@ -156,4 +187,5 @@ class VisionEncoder(nnx.Module):
             cls=x[:, 0] if n_cls else None,
             cls_attention=probe,
             grid=grid,
+            layer_cls_attention=jnp.stack([rows[i] for i in layers], axis=1) if layers else None,
         )

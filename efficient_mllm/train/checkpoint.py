@@ -156,7 +156,7 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         self._mngr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,6 +27,7 @@ from efficient_mllm import compat
 from efficient_mllm.train import mesh as mesh_lib
 from efficient_mllm.train import sharding as shd
 from efficient_mllm.train.checkpoint import Checkpointer
+from efficient_mllm.train.flops import function_flops
 from efficient_mllm.train.metrics import MetricsWriter
 from efficient_mllm.train.optim import make_optimizer
 from efficient_mllm.train.report import peak_flops, plot_history, write_report
@@ -277,32 +278,28 @@ class Trainer:
         return shd.shard_batch(b, self.mesh, self.rules)
 
     def _compiled_step(self, batch: Mapping[str, jax.Array]):
+        """The train step compiled ahead of time for this batch layout (once per Trainer); also
+        records its model FLOPs (matrix products counted on the jaxpr, whole global batch)."""
         if self._jit_step is None:
-            self._jit_step = jit_train_step(
+            jitted = jit_train_step(
                 self._step_fn, self.shardings, self.mesh, self.rules,
                 {k: v.ndim for k, v in batch.items()},
             )
+            with compat.set_mesh(self.mesh):
+                self._jit_step = jitted.lower(self.state, batch).compile()
+                abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+                self.perf["flops_per_step"] = function_flops(
+                    self._step_fn, self.abstract_state, abstract_batch
+                )
         return self._jit_step
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """One optimizer step on a host batch; returns device metrics."""
         db = self.device_batch(batch)
+        step = self._compiled_step(db)
         with compat.set_mesh(self.mesh):
-            self.state, metrics = self._compiled_step(db)(self.state, db)
+            self.state, metrics = step(self.state, db)
         return metrics
-
-    def step_flops(self, batch: Mapping[str, Any]) -> float | None:
-        """XLA-counted FLOPs of one step (whole global batch, forward + backward + update).
-
-        Counted on a single-microbatch variant of the step: XLA counts a loop body once."""
-        db = self.device_batch(batch)
-        fn = make_train_step(self.graphdef, self.tx, schedule=self.schedule,
-                             compute_dtype=self.compute_dtype, microbatches=1)
-        with compat.set_mesh(self.mesh):
-            lowered = jit_train_step(fn, self.shardings, self.mesh, self.rules,
-                                     {k: v.ndim for k, v in db.items()}, donate=False).lower(
-                self.abstract_state, db)
-        return compat.cost_flops(lowered)
 
     def run(self, until: int | None = None, *, progress: bool | None = None) -> list[dict]:
         """Trains from the current step to ``until`` (default ``config.train.steps``); logs every
@@ -332,8 +329,6 @@ class Trainer:
         try:
             for step in range(start + 1, until + 1):
                 batch = next(self.train_iter)
-                if "flops_per_step" not in self.perf:
-                    self.perf["flops_per_step"] = self.step_flops(batch)
                 t0 = time.perf_counter()
                 metrics = self.train_step(batch)
                 pending.append(metrics)
@@ -341,7 +336,7 @@ class Trainer:
                 n_ex = int(len(batch["tokens"])) * jax.process_count()
                 if step == start + 1:
                     jax.block_until_ready(metrics)
-                    self.perf["first_step_s"] = time.perf_counter() - t0  # includes compilation
+                    self.perf["first_step_s"] = time.perf_counter() - t0  # with compilation
                     t_since = time.perf_counter()
                 else:
                     tokens_since += n_tok

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
-__all__ = ["PEAK_FLOPS", "peak_flops", "plot_history", "write_report", "format_number"]
+__all__ = ["PEAK_FLOPS", "peak_flops", "plot_history", "write_report", "format_number", "headline"]
 
 #: Dense bf16 peak FLOP/s per chip, matched as lower-case substrings of ``device.device_kind``
 #: (first match wins, so the more specific names come first).
@@ -34,6 +35,17 @@ def peak_flops(device_kind: str) -> float | None:
         if key in kind:
             return value
     return None
+
+
+def headline(final: Mapping[str, Any]) -> str:
+    """One line with the main validation numbers of a run."""
+    parts = []
+    for key, label in (("accuracy", "exact-match accuracy"), ("tf_accuracy", "teacher-forced accuracy"),
+                       ("token_accuracy", "token accuracy"), ("perplexity", "answer perplexity")):
+        if key in final:
+            v = float(final[key])
+            parts.append(f"{label} {100 * v:.1f}%" if "accuracy" in key else f"{label} {v:.3f}")
+    return ", ".join(parts) if parts else "no evaluation metrics"
 
 
 def format_number(x: Any, digits: int = 4) -> str:
@@ -150,7 +162,7 @@ def write_report(
         ("tokens_per_s", "throughput (text tokens/s, after compilation)"),
         ("examples_per_s", "throughput (examples/s)"),
         ("step_time_s", "mean step time (s)"),
-        ("flops_per_step", "FLOPs per step (XLA count)"),
+        ("flops_per_step", "model FLOPs per step (matrix products, forward + backward)"),
         ("mfu", "model FLOPs utilisation (vs bf16 dense peak)"),
         ("devices", "devices"),
         ("device_kind", "device kind"),

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -107,7 +108,7 @@ def logical_to_spec(
         )
     used: set[str] = set()
     spec = []
-    for name, dim in zip(names, shape):
+    for name, dim in zip(names, shape, strict=True):
         if name is None:
             spec.append(None)
             continue

@@ -9,7 +9,8 @@ an ordinary function of arrays, jitted with explicit in/out shardings and a dona
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -95,9 +96,9 @@ def _opt_state_shardings(opt_state: Any, params: Any, param_sh: Any, mesh: Mesh)
     """Each optimizer-state leaf takes the sharding of the parameter whose path is a suffix of its
     own path and whose shape matches (Adam moments); everything else is replicated."""
     by_path = {}
-    for (path, p), (_, s) in zip(
-        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(param_sh)
-    ):
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    shardings = jax.tree_util.tree_leaves(param_sh)
+    for (path, p), s in zip(leaves, shardings, strict=True):
         by_path[_path_key(path)] = (tuple(p.shape), s)
     rep = NamedSharding(mesh, P())
 
