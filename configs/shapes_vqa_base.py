@@ -7,14 +7,16 @@ COMMAND:
     python -m experiments.train --config configs/shapes_vqa_base.py \
         --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=2
 
-EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were measured on).
+EXPECTED (measured, one NVIDIA H100, jax 0.11.2): a 400-step smoke run (20k training examples,
+``--config.train.steps=400 --config.train.warmup_steps=50``) reached 51.6% exact match on 500
+validation questions (shape 22%, exist 76%) at 0.046 s/step = 5.5k examples/s = 63k text
+tokens/s; 2.63 TFLOP per step (jaxpr count), i.e. about 6% MFU (the input pipeline bounds it).
+The full 6000-step run has not been made yet, so its final accuracy is not known.
 """
 
 import ml_collections
 
 from efficient_mllm.train.config import base_config, dataset_knobs
-
-EXPECTED = {}
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

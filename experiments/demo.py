@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -26,6 +26,8 @@ _FRESH = flags.DEFINE_bool("fresh", True, "Remove an earlier run in --workdir fi
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
+    if not flags.FLAGS["verbosity"].present:  # keep library INFO logs (orbax, ...) quiet
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     from efficient_mllm.train.loop import build_components, train_and_evaluate

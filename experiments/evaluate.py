@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
@@ -29,6 +29,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write the metrics JSON."
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
+    if not flags.FLAGS["verbosity"].present:  # keep library INFO logs (orbax, ...) quiet
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     from efficient_mllm.train.loop import restore_for_eval

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
+    if not flags.FLAGS["verbosity"].present:  # keep library INFO logs (orbax, ...) quiet
+        logging.set_verbosity(logging.WARNING)
     from efficient_mllm.train.loop import train_and_evaluate
     from efficient_mllm.train.report import headline
 

@@ -110,9 +110,7 @@ def check_query(query: Any) -> str | int:
     """``"last"``, ``"text"`` or a positive int (the most recent ``n`` prompt tokens)."""
     if isinstance(query, str):
         if query not in QUERY_MODES:
-            raise ValueError(
-                f"query={query!r}: expected one of {QUERY_MODES} or a positive int"
-            )
+            raise ValueError(f"query={query!r}: expected one of {QUERY_MODES} or a positive int")
         return query
     if isinstance(query, bool) or not isinstance(query, (int, np.integer)) or query < 1:
         raise ValueError(f"query={query!r}: expected one of {QUERY_MODES} or a positive int")
@@ -147,8 +145,13 @@ def image_rows(types: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def query_rows(
-    ctx: InLLMContext, state: Any, types: jax.Array, query: str | int, n_image: int,
-    *, extra_valid: jax.Array | None = None,
+    ctx: InLLMContext,
+    state: Any,
+    types: jax.Array,
+    query: str | int,
+    n_image: int,
+    *,
+    extra_valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Query rows for the probe: ``(rows int32 [B, Q], valid [B, Q])``, ascending.
 
@@ -268,8 +271,13 @@ class DropCompressor:
         raise TypeError(f"{type(self).__name__} must define stages()")
 
     def plan(
-        self, ctx: InLLMContext, s: int, stage: DropStage, n_image: int,
-        hidden: jax.Array, state: Any,
+        self,
+        ctx: InLLMContext,
+        s: int,
+        stage: DropStage,
+        n_image: int,
+        hidden: jax.Array,
+        state: Any,
     ) -> dict:
         """Returns at least ``keep_rows`` int32 ``[B, stage.keep]`` (current rows of the kept
         image tokens, valid first and ascending) and ``keep_valid`` bool ``[B, stage.keep]``."""
@@ -279,8 +287,13 @@ class DropCompressor:
         return None
 
     def finalize(
-        self, ctx: InLLMContext, s: int, stage: DropStage, plan: dict,
-        hidden: jax.Array, state: Any,
+        self,
+        ctx: InLLMContext,
+        s: int,
+        stage: DropStage,
+        plan: dict,
+        hidden: jax.Array,
+        state: Any,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(rows [B, size], valid [B, size], hidden)`` of the image slots after the drop;
         default: the plan's kept rows, hidden unchanged."""
@@ -318,7 +331,9 @@ class DropCompressor:
                 b = keep.shape[0]
                 keep = keep.at[jnp.arange(b)[:, None], rows].max(valid)
                 new_len = hidden.shape[1] - sizes[s] + st.size
-                rel = jnp.take_along_axis(state.token_index, rows, axis=1) - ctx.image_start[:, None]
+                rel = (
+                    jnp.take_along_axis(state.token_index, rows, axis=1) - ctx.image_start[:, None]
+                )
                 extra[f"keep_idx/{s}"] = jnp.where(valid, rel, 0).astype(jnp.int32)
                 extra[f"keep_valid/{s}"] = valid
                 if s == len(stages) - 1:
@@ -342,7 +357,10 @@ class DropCompressor:
 
 
 def select_top(
-    scores: jax.Array, k: int, valid: jax.Array, rows: jax.Array,
+    scores: jax.Array,
+    k: int,
+    valid: jax.Array,
+    rows: jax.Array,
     count: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top-``k`` of ``scores [B, n]`` (over the image slots ``rows [B, n]``), optionally only

@@ -5,11 +5,14 @@ Both are ``nnx.Module`` s built by their registry factory, which names ``dim``, 
 ``dtype``, ``param_dtype`` and ``rngs`` so that :class:`~efficient_mllm.nn.mllm.MLLM` passes them;
 the module becomes the model's ``compressor`` submodule and its parameters train with the rest.
 
-Train / inference switching follows the NNX convention: modules have a ``deterministic``
-attribute, False (training) at construction as for ``nnx.Dropout``; ``model.eval()`` sets it to
-True on every submodule, ``model.train()`` back to False, and ``nnx.view(model,
-deterministic=True)`` gives an inference view without touching ``model``. The attribute is static
-(part of the graph definition), so switching it retraces jitted functions once.
+Train / inference switching follows the NNX convention: the MQT module (and the SAP scorer's
+``nnx.Dropout``) has a ``deterministic`` attribute, False (training) at construction as for
+``nnx.Dropout``; ``model.eval()`` sets it to True on every submodule that has it,
+``model.train()`` back to False, and ``nnx.view(model, deterministic=True)`` gives an inference
+view without touching ``model``. The attribute is static (part of the graph definition), so
+switching it retraces jitted functions once. The stock trainer never switches it: training runs
+in training mode, and an evaluation that wants a fixed MQT budget must use ``model.eval()`` or
+``nnx.view``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ __all__ = ["Budget", "MatryoshkaQueryTransformer", "SpatialAttentionPool", "attn
 
 def _need(value: Any, name: str, method: str) -> Any:
     return core.require(
-        value, name, method, "the MLLM passes it when it builds the compressor; pass it yourself otherwise"
+        value,
+        name,
+        method,
+        "the MLLM passes it when it builds the compressor; pass it yourself otherwise",
     )
 
 
@@ -104,7 +110,9 @@ class SpatialAttentionPool(nnx.Module):
         ph, pw = self.pool
         return math.ceil(gh / ph) * math.ceil(gw / pw)
 
-    def __call__(self, tokens: jax.Array, *, grid: tuple[int, int] | None = None) -> core.Compressed:
+    def __call__(
+        self, tokens: jax.Array, *, grid: tuple[int, int] | None = None
+    ) -> core.Compressed:
         b, n, d = core.check_tokens(tokens)
         if d != self.dim:
             raise ValueError(f"tokens shape={tuple(tokens.shape)}: expected width dim={self.dim}")
@@ -116,7 +124,11 @@ class SpatialAttentionPool(nnx.Module):
         pad = ((0, 0), (0, nh * ph - gh), (0, nw * pw - gw), (0, 0))
         x = jnp.pad(tokens.reshape(b, gh, gw, d), pad)
         real = np.pad(np.ones((gh, gw), bool), pad[1:3])
-        x = x.reshape(b, nh, ph, nw, pw, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, nh * nw, ph * pw, d)
+        x = (
+            x.reshape(b, nh, ph, nw, pw, d)
+            .transpose(0, 1, 3, 2, 4, 5)
+            .reshape(b, nh * nw, ph * pw, d)
+        )
         real = real.reshape(nh, ph, nw, pw).transpose(0, 2, 1, 3).reshape(nh * nw, ph * pw)
         h = self.dropout(jax.nn.relu(self.score_fc1(x)))
         s = self.score_fc2(h)[..., 0].astype(jnp.float32)
@@ -184,7 +196,9 @@ class _MultiHeadAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, kv: jax.Array, mask: Any = None) -> jax.Array:
         q = self.q(x)
-        out = attention_ops.dot_product_attention(q, self.k(kv), self.v(kv), mask=mask, impl=self.impl)
+        out = attention_ops.dot_product_attention(
+            q, self.k(kv), self.v(kv), mask=mask, impl=self.impl
+        )
         return self.o(out.astype(q.dtype))
 
 
@@ -264,15 +278,23 @@ class MatryoshkaQueryTransformer(nnx.Module):
         depth = _pos_int(depth, "depth")
         mlp_dim = _pos_int(mlp_ratio, "mlp_ratio") * self.dim
         init = normal_init(
-            rngs.params(), shape=(self.max_queries, self.dim), std=0.02, dtype=jnp.dtype(param_dtype)
+            rngs.params(),
+            shape=(self.max_queries, self.dim),
+            std=0.02,
+            dtype=jnp.dtype(param_dtype),
         )
         self.queries = compat.logical_param(init, (None, "embed"))
         kw = {"impl": impl, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.blocks = nnx.List([_QueryBlock(self.dim, heads, mlp_dim, **kw) for _ in range(depth)])
         self.norm = LayerNorm(self.dim, dtype=dtype, param_dtype=param_dtype)
         self.proj = Linear(
-            self.dim, self.dim, axes=("mlp", "embed"), use_bias=True, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            self.dim,
+            self.dim,
+            axes=("mlp", "embed"),
+            use_bias=True,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.budget_rngs = rngs["budget"].fork()
         self.deterministic = False
@@ -280,8 +302,10 @@ class MatryoshkaQueryTransformer(nnx.Module):
 
     def set_budget(self, budget: int) -> None:
         """Inference budget ``m`` (used when ``deterministic``)."""
-        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not (
-            1 <= budget <= self.max_queries
+        if (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, np.integer))
+            or not (1 <= budget <= self.max_queries)
         ):
             raise ValueError(f"budget={budget!r}: expected an int in [1, {self.max_queries}]")
         self.budget.set_value(jnp.asarray(int(budget), jnp.int32))

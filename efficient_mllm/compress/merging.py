@@ -16,9 +16,11 @@ in the spatial order of their representatives (the B token of each merged group)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,19 @@ import numpy as np
 
 from efficient_mllm import registry
 from efficient_mllm.compress import core
+from efficient_mllm.compress.cls_attention import NOT_GIVEN, check_fallback, cls_scores
 
-__all__ = ["tome", "dymu", "dymu_calibrate", "prumerge_plus", "tome_schedule"]
+__all__ = [
+    "DyMU",
+    "PruMergePlus",
+    "ToMe",
+    "dymu",
+    "dymu_calibrate",
+    "iqr_outliers",
+    "prumerge_plus",
+    "tome",
+    "tome_schedule",
+]
 
 _METRICS = ("features", "tokens")
 _BIG = 1 << 30
@@ -76,7 +89,9 @@ def _bipartite_edges(metric: jax.Array, alive_b: jax.Array | None = None):
     return score, dst
 
 
-def _merge_round(state: dict, merge_a: jax.Array, dst: jax.Array, cap: int) -> tuple[dict, jax.Array]:
+def _merge_round(
+    state: dict, merge_a: jax.Array, dst: jax.Array, cap: int
+) -> tuple[dict, jax.Array]:
     """Merges A token ``i`` into position ``dst[:, i]`` where ``merge_a`` and compacts the
     surviving tokens (sorted by representative, dead slots last) into ``cap`` slots.
 
@@ -194,28 +209,34 @@ def tome(
         r_per_step = _pos_int(r_per_step, "r_per_step")
     if steps is not None:
         steps = _pos_int(steps, "steps")
-    _check_metric(metric)
+    return ToMe(keep, r_per_step, steps, _check_metric(metric))
 
-    def compress(tokens: jax.Array, *, features: jax.Array | None = None) -> core.Compressed:
+
+@dataclasses.dataclass(frozen=True)
+class ToMe:
+    """Bipartite soft matching to a static token count (see :func:`tome`)."""
+
+    keep: int | float | None = None
+    r_per_step: int | None = None
+    steps: int | None = None
+    metric: str = "features"
+
+    def __call__(self, tokens: jax.Array, *, features: jax.Array | None = None) -> core.Compressed:
         b, n, d = core.check_tokens(tokens)
-        m = _similarity_metric("tome", metric, tokens, features)
-        k = None if keep is None else core.resolve_budget(keep, n, name="keep")
-        schedule = tome_schedule(n, k, r_per_step, steps)
+        m = _similarity_metric("tome", self.metric, tokens, features)
+        k = None if self.keep is None else core.resolve_budget(self.keep, n, name="keep")
+        schedule = tome_schedule(n, k, self.r_per_step, self.steps)
         state = _init_state(tokens, m)
         groups = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
         cur = n
         for r in schedule:
             score, dst = _bipartite_edges(state["x"][..., d:])
             order = jnp.argsort(-score, axis=1, stable=True)[:, :r]
-            merge_a = (
-                jnp.zeros(score.shape, bool).at[jnp.arange(b)[:, None], order].set(True)
-            )
+            merge_a = jnp.zeros(score.shape, bool).at[jnp.arange(b)[:, None], order].set(True)
             cur -= r
             state, assign = _merge_round(state, merge_a, dst, cur)
             groups = jnp.take_along_axis(assign, groups, axis=1)
         return _finish(state, groups, d, tokens.dtype)
-
-    return compress
 
 
 # -- DyMU --------------------------------------------------------------------------------------
@@ -244,11 +265,11 @@ def _thresholds(threshold: Any, rounds: int | None) -> tuple[tuple[float, ...] |
         if not threshold or not all(
             isinstance(t, (int, float, np.number)) and not isinstance(t, bool) for t in threshold
         ):
-            raise ValueError(f"threshold={threshold!r}: expected a float or a non-empty list of floats")
-        if rounds is not None and rounds != len(threshold):
             raise ValueError(
-                f"rounds={rounds} but threshold has {len(threshold)} per-round values"
+                f"threshold={threshold!r}: expected a float or a non-empty list of floats"
             )
+        if rounds is not None and rounds != len(threshold):
+            raise ValueError(f"rounds={rounds} but threshold has {len(threshold)} per-round values")
         return tuple(float(t) for t in threshold), len(threshold)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
         raise ValueError(f"threshold={threshold!r}: expected a cosine similarity in [-1, 1]")
@@ -292,18 +313,29 @@ def dymu(
         core.check_budget(capacity, "capacity")
     if rounds is not None:
         rounds = _pos_int(rounds, "rounds")
-    _check_metric(metric)
+    return DyMU(thr, capacity, rounds, _check_metric(metric))
 
-    def compress(tokens: jax.Array, *, features: jax.Array | None = None) -> core.Compressed:
+
+@dataclasses.dataclass(frozen=True)
+class DyMU:
+    """Threshold bipartite merging into a static capacity (see :func:`dymu`)."""
+
+    threshold: float | tuple[float, ...]
+    capacity: int | float | None = None
+    rounds: int | None = None
+    metric: str = "features"
+
+    def __call__(self, tokens: jax.Array, *, features: jax.Array | None = None) -> core.Compressed:
         b, n, d = core.check_tokens(tokens)
-        m = _similarity_metric("dymu", metric, tokens, features)
-        cap = n if capacity is None else core.resolve_budget(capacity, n, name="capacity")
-        caps = _dymu_rounds(n, cap, rounds)
+        m = _similarity_metric("dymu", self.metric, tokens, features)
+        cap = n if self.capacity is None else core.resolve_budget(self.capacity, n, name="capacity")
+        caps = _dymu_rounds(n, cap, self.rounds)
+        thr = self.threshold
         thrs = thr if isinstance(thr, tuple) else (thr,) * len(caps)
         state = _init_state(tokens, m)
         groups = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
         forced = jnp.zeros((b,), jnp.int32)
-        for c, t in zip(caps, thrs):
+        for c, t in zip(caps, thrs, strict=True):
             if state["x"].shape[1] < 2:
                 break
             alive = state["alive"]
@@ -318,8 +350,6 @@ def dymu(
             state, assign = _merge_round(state, merge_a, dst, c)
             groups = jnp.take_along_axis(assign, groups, axis=1)
         return _finish(state, groups, d, tokens.dtype, forced=forced)
-
-    return compress
 
 
 def dymu_calibrate(
@@ -372,6 +402,7 @@ def prumerge_plus(
     neighbors: int = 32,
     stride_divisor: int = 3,
     metric: str = "features",
+    fallback: str | None = None,
 ):
     """PruMerge+: IQR outliers of the [CLS] attention plus spatially uniform samples, each kept
     token enriched with its nearest neighbours weighted by their [CLS] attention.
@@ -395,47 +426,64 @@ def prumerge_plus(
     Deviations: the selection is per image (the reference computes the quartiles over the
     flattened batch and runs at batch size 1); the samples run over all ``N`` tokens (the
     reference stops before 575); the reference's optional extra token (the attention-weighted
-    sum of all pruned tokens) is not added. With ``use_cls=False`` the MLLM's mean-query
-    attention probe stands in for the CLS attention.
+    sum of all pruned tokens) is not added. An encoder without [CLS] (``use_cls=False``)
+    raises unless ``fallback="mean_query"`` (then the ViT's mean-query attention row stands in).
     """
     core.check_budget(keep, "keep")
-    neighbors = _pos_int(neighbors, "neighbors")
-    stride_divisor = _pos_int(stride_divisor, "stride_divisor")
-    _check_metric(metric)
+    return PruMergePlus(
+        keep,
+        _pos_int(neighbors, "neighbors"),
+        _pos_int(stride_divisor, "stride_divisor"),
+        _check_metric(metric),
+        check_fallback(fallback),
+    )
 
-    def compress(
+
+@dataclasses.dataclass(frozen=True)
+class PruMergePlus:
+    """IQR outliers + spatial samples, enriched by their neighbours (see :func:`prumerge_plus`)."""
+
+    keep: int | float = 0.25
+    neighbors: int = 32
+    stride_divisor: int = 3
+    metric: str = "features"
+    fallback: str | None = None
+
+    def __call__(
+        self,
         tokens: jax.Array,
         *,
         cls_attention: jax.Array | None = None,
         features: jax.Array | None = None,
+        cls: Any = NOT_GIVEN,
     ) -> core.Compressed:
         b, n, d = core.check_tokens(tokens)
-        attn = core.require(
-            cls_attention, "cls_attention", "prumerge_plus", "the ViT's CLS attention [B, N]"
-        )
-        if attn.shape != (b, n):
-            raise ValueError(f"cls_attention shape={tuple(attn.shape)}: expected [{b}, {n}]")
-        if neighbors > n - 1:
-            raise ValueError(f"neighbors={neighbors}: expected at most N - 1 = {n - 1}")
-        k = core.resolve_budget(keep, n, name="keep")
-        m = _similarity_metric("prumerge_plus", metric, tokens, features)
-        a = attn.astype(jnp.float32)
+        a = cls_scores("prumerge_plus", cls_attention, cls, self.fallback)
+        if a.shape != (b, n):
+            raise ValueError(f"cls_attention shape={tuple(a.shape)}: expected [{b}, {n}]")
+        if self.neighbors > n - 1:
+            raise ValueError(f"neighbors={self.neighbors}: expected at most N - 1 = {n - 1}")
+        k = core.resolve_budget(self.keep, n, name="keep")
+        m = _similarity_metric("prumerge_plus", self.metric, tokens, features)
         outlier = iqr_outliers(a)
         n_out = jnp.sum(outlier, axis=1).astype(jnp.int32)
-        stride = jnp.maximum((n // jnp.maximum(n_out, 1)) // stride_divisor, 1)
+        stride = jnp.maximum((n // jnp.maximum(n_out, 1)) // self.stride_divisor, 1)
         uniform = (jnp.arange(n, dtype=jnp.int32)[None] % stride[:, None]) == 0
         selected = outlier | uniform
         priority = jnp.where(outlier, 2.0 + a, 1.0 + a)
         idx, ok = core.topk_select(priority, k, valid=selected)
 
         sim = core.cosine_similarity(core.gather_tokens(m, idx), m)  # [B, K, N]
-        own = jax.nn.one_hot(idx, n, dtype=bool)
-        sim = jnp.where(own, -jnp.inf, sim)
-        _, nb = jax.lax.top_k(sim, neighbors)  # [B, K, kn]
+        sim = jnp.where(jax.nn.one_hot(idx, n, dtype=bool), -jnp.inf, sim)  # not itself
+        _, nb = jax.lax.top_k(sim, self.neighbors)  # [B, K, neighbors]
+        # Neighbour weights as a [B, K, N] matrix (CLS attention at each neighbour, else 0),
+        # so the sum is one matmul instead of a [B, K, neighbors, D] gather.
         w = jnp.take_along_axis(a[:, None, :], nb, axis=2)
+        rows = jnp.arange(b)[:, None, None]
+        slots = jnp.arange(k)[None, :, None]
+        wmat = jnp.zeros((b, k, n), jnp.float32).at[rows, slots, nb].add(w)
         xf = tokens.astype(jnp.float32)
-        neigh = jnp.take_along_axis(xf[:, None], nb[..., None], axis=2)  # [B, K, kn, D]
-        out = core.gather_tokens(xf, idx) + jnp.einsum("bkn,bknd->bkd", w, neigh)
+        out = core.gather_tokens(xf, idx) + jnp.einsum("bkn,bnd->bkd", wmat, xf)
         out = jnp.where(ok[..., None], out, 0).astype(tokens.dtype)
         return core.compressed(
             out,
@@ -444,5 +492,3 @@ def prumerge_plus(
             num_outliers=n_out,
             num_selected=jnp.sum(selected, axis=1).astype(jnp.int32),
         )
-
-    return compress

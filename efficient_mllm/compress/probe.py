@@ -58,14 +58,16 @@ def gather_rows(x: jax.Array, idx: jax.Array, axis: int = 1) -> jax.Array:
     shape = [1] * x.ndim
     shape[axis - 1], shape[axis] = idx.shape
     idx = idx.reshape(shape)
-    idx = jnp.broadcast_to(idx, x.shape[:axis] + idx.shape[axis:axis + 1] + x.shape[axis + 1:])
+    idx = jnp.broadcast_to(idx, x.shape[:axis] + idx.shape[axis : axis + 1] + x.shape[axis + 1 :])
     return jnp.take_along_axis(x, idx, axis=axis)
 
 
 def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
     x = jnp.asarray(x)
     if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"{name} shape={tuple(x.shape)} dtype={x.dtype}: expected int {list(shape)}")
+        raise ValueError(
+            f"{name} shape={tuple(x.shape)} dtype={x.dtype}: expected int {list(shape)}"
+        )
     return x.astype(jnp.int32)
 
 
@@ -136,9 +138,7 @@ def attention_probe(
     if nq % nkv:
         raise ValueError(f"q heads={nq} must be a multiple of k heads={nkv}")
     q_index = _check_int("q_index", q_index, (b, nrows))
-    q_valid = (
-        jnp.ones((b, nrows), bool) if q_valid is None else jnp.asarray(q_valid, bool)
-    )
+    q_valid = jnp.ones((b, nrows), bool) if q_valid is None else jnp.asarray(q_valid, bool)
     if q_valid.shape != (b, nrows):
         raise ValueError(f"q_valid shape={tuple(q_valid.shape)}: expected [{b}, {nrows}]")
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)

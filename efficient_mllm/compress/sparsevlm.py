@@ -130,8 +130,10 @@ def dpc_knn_merge(x: jax.Array, valid: jax.Array, clusters: int):
     cd = jnp.where(centre_ok[:, None, :], cd, jnp.inf)
     assign = jnp.argmin(cd, axis=-1).astype(jnp.int32)
     rows = jnp.arange(b)[:, None]
-    own = jnp.full((b, r), -1, jnp.int32).at[rows, centres].set(
-        jnp.where(centre_ok, jnp.arange(c, dtype=jnp.int32)[None, :], -1)
+    own = (
+        jnp.full((b, r), -1, jnp.int32)
+        .at[rows, centres]
+        .set(jnp.where(centre_ok, jnp.arange(c, dtype=jnp.int32)[None, :], -1))
     )
     assign = jnp.where(own >= 0, own, assign)
     assign = jnp.where(valid, assign, -1)
@@ -152,7 +154,7 @@ class SparseVLM(DropCompressor):
 
     def stages(self, num_image_tokens: int, depth: int) -> tuple[DropStage, ...]:
         out, n, prev = [], num_image_tokens, 0
-        for s, (layer, keep) in enumerate(zip(self.layers, self.keep)):
+        for s, (layer, keep) in enumerate(zip(self.layers, self.keep, strict=True)):
             layer = check_layer(layer, f"layers[{s}]", depth)
             if layer <= prev:
                 raise ValueError(f"layers={self.layers}: expected strictly increasing layers")
@@ -186,7 +188,9 @@ class SparseVLM(DropCompressor):
         plan = {"keep_rows": rows, "keep_valid": ok}
         if stage.extra:
             r, _ = recycle_sizes(n_image - stage.keep, self.recycle, self.cluster_ratio)
-            kept = jnp.zeros(types.shape, bool).at[jnp.arange(types.shape[0])[:, None], rows].max(ok)
+            kept = (
+                jnp.zeros(types.shape, bool).at[jnp.arange(types.shape[0])[:, None], rows].max(ok)
+            )
             pruned = img_ok & ~jnp.take_along_axis(kept, img, axis=1)
             cand, cand_ok, _ = select_top(scores, r, pruned, img)
             plan.update(cand_rows=cand, cand_valid=cand_ok)
@@ -240,7 +244,7 @@ def sparsevlm(
             f"layers={layers!r} and keep={keep!r}: expected non-empty tuples of equal length"
         )
     prev = 0
-    for s, (layer, k) in enumerate(zip(layers, keep)):
+    for s, (layer, k) in enumerate(zip(layers, keep, strict=True)):
         layer = check_layer(layer, f"layers[{s}]", num_layers)
         if layer <= prev:
             raise ValueError(f"layers={layers}: expected strictly increasing layers")

@@ -8,16 +8,17 @@ compare image tokens with the instruction in the LLM embedding space before the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from efficient_mllm import registry
 from efficient_mllm.compress import core
+from efficient_mllm.compress.cls_attention import NOT_GIVEN, check_fallback, cls_scores
 
-__all__ = ["flashvlm", "text_relevance", "diverse_residual"]
+__all__ = ["FlashVLM", "diverse_residual", "flashvlm", "text_relevance"]
 
 _EPS = 1e-6
 _METRICS = ("features", "tokens")
@@ -115,6 +116,7 @@ def flashvlm(
     suppress: float = 0.1,
     diversity_step: int = 8,
     metric: str = "features",
+    fallback: str | None = None,
 ):
     """FlashVLM: keep ``K`` image tokens scored by text relevance fused with visual saliency,
     plus a diverse set of background tokens.
@@ -124,8 +126,8 @@ def flashvlm(
        text token of the row except the placeholder: at prefill the prompt; under teacher
        forcing the answer too, as in the reference code), soft-maxed over the text and sharpened
        by a low-temperature softmax over the image, ``** gamma`` and top-``p`` suppression.
-    2. Intrinsic saliency: the ViT CLS attention (the MLLM's mean-query probe when
-       ``use_cls=False``), min-max normalised.
+    2. Intrinsic saliency: the ViT CLS attention, min-max normalised (an encoder without
+       [CLS] needs ``fallback="mean_query"``: the ViT's mean-query attention row instead).
     3. Log-domain fusion: ``score = (1 - eta) log A + eta log T`` (``A``, ``T`` clamped at
        1e-6); the reference's ``exp`` and final min-max are monotone, so top-k is unchanged.
     4. Partition: ``int(important * K)`` top-scoring tokens; the other ``K - int(important*K)``
@@ -152,41 +154,74 @@ def flashvlm(
     ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
             raise ValueError(f"{name}={v!r}: expected a number in [{lo}, {hi}]")
-    for name, v in (("text_temperature", text_temperature), ("temperature", temperature), ("gamma", gamma)):
+    for name, v in (
+        ("text_temperature", text_temperature),
+        ("temperature", temperature),
+        ("gamma", gamma),
+    ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name}={v!r}: expected a positive number")
-    if isinstance(diversity_step, bool) or not isinstance(diversity_step, int) or diversity_step < 1:
+    if (
+        isinstance(diversity_step, bool)
+        or not isinstance(diversity_step, int)
+        or diversity_step < 1
+    ):
         raise ValueError(f"diversity_step={diversity_step!r}: expected an int >= 1")
     if metric not in _METRICS:
         raise ValueError(f"metric={metric!r}: expected one of {_METRICS}")
-    sharpen = {
-        "text_temperature": float(text_temperature),
-        "temperature": float(temperature),
-        "gamma": float(gamma),
-        "top_p": float(top_p),
-        "suppress": float(suppress),
-    }
+    return FlashVLM(
+        keep,
+        float(eta),
+        float(important),
+        float(text_temperature),
+        float(temperature),
+        float(gamma),
+        float(top_p),
+        float(suppress),
+        diversity_step,
+        metric,
+        check_fallback(fallback),
+    )
 
-    def compress(
+
+@dataclasses.dataclass(frozen=True)
+class FlashVLM:
+    """Text relevance x saliency top-k plus a diverse background set (see :func:`flashvlm`)."""
+
+    keep: int | float
+    eta: float = 0.5
+    important: float = 0.5
+    text_temperature: float = 0.05
+    temperature: float = 0.01
+    gamma: float = 2.5
+    top_p: float = 0.005
+    suppress: float = 0.1
+    diversity_step: int = 8
+    metric: str = "features"
+    fallback: str | None = None
+
+    def __call__(
+        self,
         tokens: jax.Array,
         *,
         cls_attention: jax.Array | None = None,
         features: jax.Array | None = None,
+        cls: Any = NOT_GIVEN,
         text_embeds: jax.Array | None = None,
         text_lengths: jax.Array | None = None,
         placeholder: jax.Array | None = None,
     ) -> core.Compressed:
         b, n, d = core.check_tokens(tokens)
-        k = core.resolve_budget(keep, n, name="keep")
-        attn = core.require(
-            cls_attention, "cls_attention", "flashvlm", "the ViT's CLS attention [B, N] (saliency)"
-        )
+        k = core.resolve_budget(self.keep, n, name="keep")
+        attn = cls_scores("flashvlm", cls_attention, cls, self.fallback)
         if attn.shape != (b, n):
             raise ValueError(f"cls_attention shape={tuple(attn.shape)}: expected [{b}, {n}]")
-        if metric == "tokens":
+        if self.metric == "tokens":
             m = tokens
         else:
-            m = core.require(features, "features", "flashvlm(metric='features')", "or use metric='tokens'")
+            m = core.require(
+                features, "features", "flashvlm(metric='features')", "or use metric='tokens'"
+            )
             if m.ndim != 3 or m.shape[:2] != (b, n):
                 raise ValueError(f"features shape={tuple(m.shape)}: expected [{b}, {n}, Dv]")
         if text_embeds is None:
@@ -197,19 +232,27 @@ def flashvlm(
                     f"text_embeds shape={tuple(text_embeds.shape)}: expected [{b}, T, {d}]"
                 )
             mask = _text_mask(b, text_embeds.shape[1], text_lengths, placeholder)
-            rel = text_relevance(tokens, text_embeds, mask, **sharpen)
-        sal = _minmax(attn.astype(jnp.float32))
+            rel = text_relevance(
+                tokens,
+                text_embeds,
+                mask,
+                text_temperature=self.text_temperature,
+                temperature=self.temperature,
+                gamma=self.gamma,
+                top_p=self.top_p,
+                suppress=self.suppress,
+            )
+        sal = _minmax(attn)
+        eta = self.eta
         score = (1.0 - eta) * jnp.log(jnp.maximum(sal, _EPS)) + eta * jnp.log(
             jnp.maximum(rel, _EPS)
         )
-        n_imp = int(k * important)
+        n_imp = int(k * self.important)
         order = jnp.argsort(-score, axis=1, stable=True).astype(jnp.int32)
-        residual = diverse_residual(m, order[:, n_imp:], k - n_imp, diversity_step)
+        residual = diverse_residual(m, order[:, n_imp:], k - n_imp, self.diversity_step)
         idx = jnp.sort(jnp.concatenate([order[:, :n_imp], residual], axis=1), axis=1)
         return core.compressed(
             core.gather_tokens(tokens, idx),
             idx,
             num_important=jnp.full((b,), n_imp, jnp.int32),
         )
-
-    return compress

@@ -16,7 +16,12 @@ M-RoPE gives it ``(p_b, p_b + row, p_b + col)`` (``ops.rope.mrope_positions``) a
 at ``p_b + max(gh, gw)``.
 
 Compressors come from ``registry.COMPRESSORS`` by name (``MLLMConfig.compressor``); nothing here
-imports ``efficient_mllm.compress``. See :meth:`MLLM.encode_images` for the call contract.
+imports ``efficient_mllm.compress``. See :meth:`MLLM.encode_images` for the call contract of a
+``pre_llm`` compressor. An ``in_llm`` one (``stage = "in_llm"``: FastV, SparseVLM, ZipVL, p-MoD)
+leaves the image tokens alone before the LLM; ``__call__`` / ``prefill`` call its
+``make_hooks(language, token_types=[B, L], query_end=[B], num_image_tokens=N)`` and run the
+decoder with the returned ``(layer_hook, block_fn)``; logits at dropped positions are read from
+the last kept position before them.
 
 Under ``jit`` the placeholder count cannot be checked: a row without a placeholder is treated as
 text-only (its image is ignored, ``num_image_tokens = 0``) and in a row with several only the
@@ -284,7 +289,8 @@ class MLLM(nnx.Module):
     """Vision encoder + projector + optional compressor + :class:`LanguageModel`.
 
     Submodules: ``vision`` (``VisionEncoder`` or None), ``projector`` (:class:`Projector` or
-    None), ``compressor`` (whatever the registry built, or None) and ``language``.
+    None), ``compressor`` (the ``pre_llm`` compressor the registry built, or None),
+    ``in_llm_compressor`` (the ``in_llm`` one, e.g. p-MoD's routers, or None) and ``language``.
     """
 
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):

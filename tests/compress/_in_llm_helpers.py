@@ -4,6 +4,8 @@ softmax attention (RMSNorm -> q/k projections -> rotate-half RoPE -> causal soft
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,13 @@ def make_model(compressor, seed=0, **lang):
     return MLLM(cfg, rngs=nnx.Rngs(seed))
 
 
+@functools.cache
+def model_for(compressor):
+    """One shared model per compressor spec (so its jitted forward compiles once per session);
+    tests must not modify it."""
+    return make_model(compressor)
+
+
 def prompts():
     """Four rows, different placeholder positions and prompt lengths (right padding)."""
     tok = np.array(
@@ -43,7 +52,26 @@ def images(b, seed=0):
     return jax.random.normal(jax.random.key(seed), (b, 8, 8, 3), jnp.float32)
 
 
-FORWARD = nnx.jit(lambda m, x, im, n, p: m(x, im, lengths=n, prompt_lengths=p))
+def capture_hook(layers):
+    """A user layer hook recording (hidden, positions, lengths) entering the given layers
+    (before the in-LLM compressor's own hook at that layer)."""
+
+    def hook(i, h, state):
+        if i not in layers:
+            return h, state
+        extra = {**state.extra, f"h{i}": h, f"pos{i}": state.positions, f"len{i}": state.lengths}
+        return h, state.replace(extra=extra)
+
+    return hook
+
+
+# The one jitted forward of these tests: prompt_lengths rate the image tokens, and every
+# layer's input is recorded in ``aux["hook_extra"]`` (h<i>, pos<i>, len<i>).
+FORWARD = nnx.jit(
+    lambda m, x, im, n, p: m(
+        x, im, lengths=n, prompt_lengths=p, layer_hook=capture_hook(tuple(range(LANG["depth"])))
+    )
+)
 
 
 def greedy_reference(model, tokens, imgs, lengths, steps, pad_id=0):
@@ -63,18 +91,6 @@ def greedy_reference(model, tokens, imgs, lengths, steps, pad_id=0):
         seq[np.arange(b), lengths] = nxt
         lengths += 1
     return out
-
-
-def capture_hook(layers):
-    """A user layer hook recording (hidden, positions, lengths) entering the given layers."""
-
-    def hook(i, h, state):
-        if i not in layers:
-            return h, state
-        extra = {**state.extra, f"h{i}": h, f"pos{i}": state.positions, f"len{i}": state.lengths}
-        return h, state.replace(extra=extra)
-
-    return hook
 
 
 # -- numpy reference of a block's attention ----------------------------------------------------
@@ -109,25 +125,19 @@ def np_block_probs(block, hidden, positions, lengths):
     b, t = x.shape[:2]
     ar = np.arange(t)
     lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
-    allow = (ar[None, :] <= ar[:, None])[None, None] & (ar[None, None, None, :] < lengths[:, None, None, None])
+    allow = (ar[None, :] <= ar[:, None])[None, None] & (
+        ar[None, None, None, :] < lengths[:, None, None, None]
+    )
     logits = np.where(allow, logits, -np.inf)
     logits = logits - logits.max(-1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(-1, keepdims=True)
 
 
-CAPTURE = {}
-
-
-def forward_capture(model, tokens, imgs, lengths, layers):
-    """Jitted forward with :func:`capture_hook` on ``layers`` (a tuple); returns the output."""
-    key = tuple(layers)
-    if key not in CAPTURE:
-        hook = capture_hook(key)
-        CAPTURE[key] = nnx.jit(
-            lambda m, x, im, n: m(x, im, lengths=n, prompt_lengths=n, layer_hook=hook)
-        )
-    return CAPTURE[key](model, jnp.asarray(tokens), imgs, jnp.asarray(lengths))
+def forward_capture(model, tokens, imgs, lengths):
+    """:data:`FORWARD` on a prompt batch (``prompt_lengths = lengths``)."""
+    n = jnp.asarray(lengths)
+    return FORWARD(model, jnp.asarray(tokens), imgs, n, n)
 
 
 def image_span(tokens, lengths, n_img=N_IMG):

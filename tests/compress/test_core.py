@@ -88,7 +88,8 @@ def test_nearest_assign_matches_numpy_and_keeps_centres():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 9, 4)).astype(np.float32)
     centres = np.array([[1, 4, 7], [0, 2, 8]], np.int32)
-    got = np.asarray(core.nearest_assign(jnp.asarray(x), jnp.asarray(centres)))
+    assign = jax.jit(core.nearest_assign)
+    got = np.asarray(assign(jnp.asarray(x), jnp.asarray(centres)))
     for b in range(2):
         xn = x[b] / np.linalg.norm(x[b], axis=1, keepdims=True)
         for i in range(9):
@@ -97,7 +98,7 @@ def test_nearest_assign_matches_numpy_and_keeps_centres():
             else:
                 assert got[b, i] == int(np.argmax(xn[centres[b]] @ xn[i]))
     valid = jnp.array([[True, True, False], [True, True, True]])
-    got = np.asarray(core.nearest_assign(jnp.asarray(x), jnp.asarray(centres), centers_valid=valid))
+    got = np.asarray(assign(jnp.asarray(x), jnp.asarray(centres), centers_valid=valid))
     assert not (got[0] == 2).any()  # nobody goes to an invalid centre
 
 
@@ -130,7 +131,8 @@ def test_kcenter_select_matches_numpy():
     # Invalid candidates are never chosen; too few valid ones leave flagged slots.
     valid = np.zeros((3, 20), bool)
     valid[:, :4] = True
-    idx, ok = core.kcenter_select(jnp.asarray(x), 6, first=jnp.zeros(3, jnp.int32), valid=valid)
+    g = jax.jit(lambda x, v: core.kcenter_select(x, 6, first=jnp.zeros(3, jnp.int32), valid=v))
+    idx, ok = g(jnp.asarray(x), valid)
     idx, ok = np.asarray(idx), np.asarray(ok)
     np.testing.assert_array_equal(ok.sum(1), [4, 4, 4])
     np.testing.assert_array_equal(idx[:, :4], [[0, 1, 2, 3]] * 3)

@@ -1,8 +1,6 @@
 """FastV: selection equals an independent numpy implementation of the paper's rule; cached
 generation equals repeated full forward passes; argument errors."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -10,29 +8,27 @@ from efficient_mllm import registry
 from efficient_mllm.kvcache.generate import generate
 
 from ._in_llm_helpers import (
-    greedy_reference,
     forward_capture,
+    greedy_reference,
     image_span,
     images,
-    make_model,
+    model_for,
     np_block_probs,
     np_topk_sorted,
     prompts,
 )
 
 LAYER, KEEP = 2, 6
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model(f"fastv(layer={LAYER}, keep={KEEP})")
+SPEC = f"fastv(layer={LAYER}, keep={KEEP})"  # shared with test_in_llm
 
 
 @pytest.mark.parametrize("query", ["last", "text"])
-def test_selection_matches_numpy_reference(model, query):
-    model.in_llm_compressor = dataclasses.replace(model.in_llm_compressor, query=query)
+def test_selection_matches_numpy_reference(query):
+    model = model_for(
+        SPEC if query == "last" else f"fastv(layer={LAYER}, keep={KEEP}, query='text')"
+    )
     tok, lengths = prompts()
-    out = forward_capture(model, tok, images(4), lengths, (LAYER - 1,))
+    out = forward_capture(model, tok, images(4), lengths)
     ex = out.aux["hook_extra"]
     h, pos, ln = (np.asarray(ex[f"{k}{LAYER - 1}"]) for k in ("h", "pos", "len"))
     probs = np_block_probs(model.language.blocks[LAYER - 1], h, pos, ln).mean(1)  # [B, T, T]
@@ -46,17 +42,15 @@ def test_selection_matches_numpy_reference(model, query):
         else:  # mean over the prompt's text tokens after the image
             scores = probs[r, p[r] + 16 : spliced[r], img].mean(0)
         np.testing.assert_array_equal(got[r], np_topk_sorted(scores, KEEP))
-    model.in_llm_compressor = dataclasses.replace(model.in_llm_compressor, query="last")
 
 
-def test_generate_matches_repeated_forward_and_single_row(model):
-    tok, lengths = prompts()
+def test_generate_matches_repeated_forward():
+    model = model_for(SPEC)
+    tok, lengths = prompts()  # batch of 4, different prompt lengths and image positions
     imgs = images(4)
     gen = generate(model, tok, images=imgs, lengths=lengths, max_new_tokens=3)
     ref = greedy_reference(model, tok, imgs, lengths, 3)
     np.testing.assert_array_equal(np.asarray(gen.tokens), ref)
-    one = generate(model, tok[1:2, :5], images=imgs[1:2], lengths=lengths[1:2], max_new_tokens=3)
-    np.testing.assert_array_equal(np.asarray(one.tokens)[0], ref[1])
 
 
 def test_bad_arguments_raise():

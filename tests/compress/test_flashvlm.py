@@ -6,12 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import efficient_mllm.compress  # noqa: F401  (registers the compressors)
 from efficient_mllm import registry
-from efficient_mllm.kvcache.generate import generate
-from efficient_mllm.nn.mllm import MLLM, MLLMConfig
 
 B, N, D, DV, T = 4, 16, 32, 8, 6
 
@@ -31,7 +28,7 @@ def _inputs(seed=0):
     return x, f, a, text, lengths, placeholder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(spec):
     fn = registry.COMPRESSORS.build(spec)
     return jax.jit(lambda x, kw: fn(x, **kw))
@@ -56,7 +53,9 @@ def _minmax(v):
     return (v - v.min()) / (v.max() - v.min() + 1e-6)
 
 
-def _np_flashvlm(x, f, a, text, k, eta=0.5, tt=0.05, temp=0.01, gamma=2.5, top_p=0.005, sup=0.1, step=8):
+def _np_flashvlm(
+    x, f, a, text, k, eta=0.5, tt=0.05, temp=0.01, gamma=2.5, top_p=0.005, sup=0.1, step=8
+):
     n = len(a)
     if text is not None and len(text):
         s = _normalize(x) @ _normalize(text).T  # [N, T]
@@ -125,11 +124,7 @@ def test_flashvlm_contract_and_text_guidance():
     idx = np.asarray(out.keep_idx)
     assert (np.diff(idx, axis=1) > 0).all() and ((idx >= 0) & (idx < N)).all()
     # batch invariance: a row alone equals the same row in the batch
-    one = registry.COMPRESSORS.build(spec)(
-        jnp.asarray(x[1:2]), features=jnp.asarray(f[1:2]), cls_attention=jnp.asarray(a[1:2]),
-        text_embeds=jnp.asarray(text[1:2]), text_lengths=jnp.asarray(lengths[1:2]),
-        placeholder=jnp.asarray(ph[1:2]),
-    )
+    one = _run(spec, x[1:2], f[1:2], a[1:2], text[1:2], lengths[1:2], ph[1:2])
     np.testing.assert_array_equal(np.asarray(one.keep_idx[0]), idx[1])
     # text guidance: give the targeted token the lowest saliency; the text still selects it
     a2 = a.copy()
@@ -146,47 +141,40 @@ def test_flashvlm_contract_and_text_guidance():
     assert 3 not in moved[0] and 5 not in moved[1]
 
 
-VOCAB, IMG_ID = 29, 3
-LANG = {"vocab_size": VOCAB, "width": D, "depth": 1, "heads": 2, "mlp_dim": 48}
-VISION = {"image_size": 16, "patch_size": 4, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}
+def test_mllm_end_to_end(run_mllm):
+    model, out, _ = run_mllm("flashvlm(keep=6)", 6)
+    assert model.num_image_slots() == 6 and np.asarray(out.aux["image_valid"]).all()
 
 
-def test_mllm_end_to_end():
-    model = MLLM(
-        MLLMConfig(
-            language=LANG, vision=VISION, image_token_id=IMG_ID, compressor="flashvlm(keep=6)"
-        ),
-        rngs=nnx.Rngs(0),
-    )
-    assert model.num_image_slots() == 6
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
-    tokens = jnp.array([[1, IMG_ID, 5, 6, 7], [1, 4, IMG_ID, 8, 0]], jnp.int32)
-    lengths = jnp.array([5, 4], jnp.int32)
-    out = nnx.jit(lambda m, t, i, l: m(t, i, lengths=l))(model, tokens, images, lengths)
-    assert np.isfinite(np.asarray(out.logits)).all()
-    pos = np.asarray(out.aux["positions"])
-    for r, p in enumerate([1, 2]):
-        keep = np.asarray(out.aux["keep_idx"][r])
-        np.testing.assert_array_equal(pos[r, p : p + 6], p + keep)
-    gen = generate(model, tokens, images=images, lengths=lengths, max_new_tokens=2)
-    assert gen.tokens.shape == (2, 2)
+def test_contract_fixture(check_contract, compress_inputs):
+    check_contract(registry.COMPRESSORS.build("flashvlm(keep=6)"), compress_inputs(3), 6)
 
 
 def test_errors():
     x, f, a, *_ = _inputs(0)
     fn = registry.COMPRESSORS.build("flashvlm(keep=4)")
     with pytest.raises(ValueError, match="cls_attention"):
-        fn(jnp.asarray(x), features=jnp.asarray(f))
+        jax.eval_shape(fn, x, features=f)
     with pytest.raises(ValueError, match="features"):
-        fn(jnp.asarray(x), cls_attention=jnp.asarray(a))
+        jax.eval_shape(fn, x, cls_attention=a)
     with pytest.raises(ValueError, match="keep=17"):
-        registry.COMPRESSORS.build("flashvlm(keep=17)")(
-            jnp.asarray(x), features=jnp.asarray(f), cls_attention=jnp.asarray(a)
+        jax.eval_shape(
+            registry.COMPRESSORS.build("flashvlm(keep=17)"), x, features=f, cls_attention=a
         )
     with pytest.raises(ValueError, match="text_embeds shape"):
-        fn(jnp.asarray(x), features=jnp.asarray(f), cls_attention=jnp.asarray(a),
-           text_embeds=jnp.zeros((B, 3, D + 1)))
-    for bad in ("eta=1.5", "important=-0.1", "temperature=0", "diversity_step=0", "metric='keys'"):
+        jax.eval_shape(fn, x, features=f, cls_attention=a, text_embeds=np.zeros((B, 3, D + 1)))
+    kw = {"features": jnp.asarray(f), "cls_attention": jnp.asarray(a), "cls": None}
+    with pytest.raises(ValueError, match="use_cls=False"):
+        jax.eval_shape(fn, x, **kw)
+    fb = registry.COMPRESSORS.build("flashvlm(keep=4, fallback='mean_query')")
+    assert jax.eval_shape(fb, x, **kw).tokens.shape == (B, 4, D)
+    for bad in (
+        "eta=1.5",
+        "important=-0.1",
+        "temperature=0",
+        "diversity_step=0",
+        "metric='keys'",
+        "fallback='cls'",
+    ):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             registry.COMPRESSORS.build(f"flashvlm(keep=4, {bad})")

@@ -13,14 +13,14 @@ from efficient_mllm.kvcache.cache import KVCache
 from efficient_mllm.nn.language import LanguageConfig, LanguageModel, LayerState
 from efficient_mllm.ops import masks
 
-from ._in_llm_helpers import FORWARD, IMG_ID, N_IMG, VOCAB, images, make_model, prompts
+from ._in_llm_helpers import FORWARD, IMG_ID, N_IMG, VOCAB, images, make_model, model_for, prompts
 
-KEEP, LAYER = 5, 1
+KEEP, LAYER = 6, 2
 
 
 @pytest.fixture(scope="module")
 def fastv_model():
-    return make_model(f"fastv(layer={LAYER}, keep={KEEP})")
+    return model_for(f"fastv(layer={LAYER}, keep={KEEP})")  # shared with test_fastv
 
 
 def test_block_fn_parts_and_run_once():
@@ -46,7 +46,9 @@ def test_drop_rows_keeps_order_positions_and_counts():
     b, t = 2, 6
     hidden = jnp.arange(b * t, dtype=jnp.float32).reshape(b, t, 1)
     pos = jnp.array([[0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15]], jnp.int32)
-    state = LayerState(pos, jnp.array([6, 4], jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t)), None, {})
+    state = LayerState(
+        pos, jnp.array([6, 4], jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t)), None, {}
+    )
     keep = jnp.array([[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]], bool)
     h, s = drop_rows(hidden, state, keep, 4)
     np.testing.assert_array_equal(s.token_index, [[0, 2, 3, 5], [1, 2, 0, 3]])
@@ -77,7 +79,7 @@ def test_prefill_caches_fewer_entries_after_the_drop_layer(fastv_model):
     np.testing.assert_array_equal(cache.positions, spliced)  # positions count the input ids
     assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(logits2)).all()
     vt = np.asarray(aux["visual_tokens_per_layer"])
-    np.testing.assert_array_equal(vt, [[N_IMG] + [KEEP] * 2] * b)
+    np.testing.assert_array_equal(vt, [[N_IMG] * LAYER + [KEEP] * (3 - LAYER)] * b)
 
 
 def test_forward_positions_logits_and_batch_invariance(fastv_model):
@@ -94,7 +96,9 @@ def test_forward_positions_logits_and_batch_invariance(fastv_model):
     keep = np.asarray(out.aux["hook_extra"]["keep_idx/0"])
     assert keep.shape == (b, KEEP) and (np.diff(keep, axis=1) > 0).all()
     for r in range(b):  # a row alone equals the same row in the batch of 4
-        one = FORWARD(fastv_model, tok[r : r + 1], imgs[r : r + 1], lengths[r : r + 1], lengths[r : r + 1])
+        one = FORWARD(
+            fastv_model, tok[r : r + 1], imgs[r : r + 1], lengths[r : r + 1], lengths[r : r + 1]
+        )
         np.testing.assert_array_equal(np.asarray(one.aux["hook_extra"]["keep_idx/0"])[0], keep[r])
         np.testing.assert_allclose(
             np.asarray(one.logits)[0][valid[r]], logits[r][valid[r]], atol=1e-5, rtol=1e-5

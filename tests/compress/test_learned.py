@@ -1,7 +1,6 @@
 """FlashSloth attention pooling and the Matryoshka Query Transformer: contract, reference,
 gradients, train / eval switching, MLLM end to end, errors."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,8 +9,6 @@ from flax import nnx
 import efficient_mllm.compress  # noqa: F401  (registers the compressors)
 from efficient_mllm import registry
 from efficient_mllm.compress.learned import MatryoshkaQueryTransformer, SpatialAttentionPool
-from efficient_mllm.kvcache.generate import generate
-from efficient_mllm.nn.mllm import MLLM, MLLMConfig
 
 B, N, D, M = 4, 16, 32, 4
 
@@ -26,7 +23,9 @@ def _apply(module, x):
 
 
 def _check_rows(out, k):
-    assert out.tokens.shape == (B, k, D) and out.keep_idx.shape == (B, k) and out.valid.shape == (B, k)
+    assert (
+        out.tokens.shape == (B, k, D) and out.keep_idx.shape == (B, k) and out.valid.shape == (B, k)
+    )
     assert np.isfinite(np.asarray(out.tokens)).all()
     idx, ok = np.asarray(out.keep_idx), np.asarray(out.valid)
     assert ((idx >= 0) & (idx < N)).all()
@@ -68,7 +67,9 @@ def test_attn_pool_contract_and_reference():
     assert np.asarray(out.valid).all()
     np.testing.assert_array_equal(np.asarray(out.keep_idx[0]), [5, 7, 13, 15])  # region centres
     for r in range(B):
-        np.testing.assert_allclose(np.asarray(out.tokens[r]), _np_sap(mod, x[r], (4, 4), 2), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out.tokens[r]), _np_sap(mod, x[r], (4, 4), 2), atol=1e-5
+        )
     # batch invariance
     one = _apply(mod, x[2:3])
     np.testing.assert_allclose(np.asarray(one.tokens[0]), np.asarray(out.tokens[2]), atol=1e-5)
@@ -77,7 +78,9 @@ def test_attn_pool_contract_and_reference():
     out3 = mod3(x)
     np.testing.assert_array_equal(np.asarray(out3.stats["region_size"]), [9, 3, 3, 1])
     np.testing.assert_array_equal(np.asarray(out3.keep_idx[0]), [5, 7, 13, 15])
-    np.testing.assert_allclose(np.asarray(out3.tokens[1]), _np_sap(mod3, x[1], (4, 4), 3), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out3.tokens[1]), _np_sap(mod3, x[1], (4, 4), 3), atol=1e-5
+    )
 
 
 def test_attn_pool_gradients():
@@ -149,35 +152,21 @@ def test_mqt_training_budgets_and_gradients():
 
 # -- MLLM end to end -----------------------------------------------------------------------------
 
-VOCAB, IMG_ID = 29, 3
-LANG = {"vocab_size": VOCAB, "width": D, "depth": 1, "heads": 2, "mlp_dim": 48}
-VISION = {"image_size": 16, "patch_size": 4, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}
 
-
-@pytest.mark.parametrize("spec,k", [("attn_pool(pool=2)", 4), ("mqt(max_queries=4, budget=3)", 4)])
-def test_mllm_end_to_end(spec, k):
-    model = MLLM(
-        MLLMConfig(language=LANG, vision=VISION, image_token_id=IMG_ID, compressor=spec),
-        rngs=nnx.Rngs(0),
-    )
+@pytest.mark.parametrize("spec", ["attn_pool(pool=2)", "mqt(max_queries=4, min_budget=2)"])
+def test_mllm_end_to_end(run_mllm, spec):
+    model, out, _ = run_mllm(spec, 4)  # training mode: MQT draws its budget per call
     assert isinstance(model.compressor, nnx.Module)
     assert "compressor" in nnx.state(model, nnx.Param)  # a submodule: trains with the model
-    model.eval()
-    assert model.num_image_slots() == k
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
-    tokens = jnp.array([[1, IMG_ID, 5, 6, 7], [1, 4, IMG_ID, 8, 0]], jnp.int32)
-    lengths = jnp.array([5, 4], jnp.int32)
-    out = nnx.jit(lambda m, t, i, l: m(t, i, lengths=l))(model, tokens, images, lengths)
-    assert np.isfinite(np.asarray(out.logits)).all()
     n_img = np.asarray(out.aux["num_image_tokens"])
-    assert (n_img == (4 if spec.startswith("attn_pool") else 3)).all()
-    pos = np.asarray(out.aux["positions"])
-    for r, p in enumerate([1, 2]):
-        keep = np.asarray(out.aux["keep_idx"][r, : n_img[r]])
-        np.testing.assert_array_equal(pos[r, p : p + n_img[r]], p + keep)
-    gen = generate(model, tokens, images=images, lengths=lengths, max_new_tokens=2)
-    assert gen.tokens.shape == (2, 2)
+    if spec.startswith("attn_pool"):
+        assert (n_img == 4).all()
+    else:
+        assert len(set(n_img.tolist())) == 1 and 2 <= n_img[0] <= 4  # one m per batch
+        model.eval()  # NNX mode switch reaches the compressor submodule
+        assert model.compressor.deterministic
+        model.train()
+        assert not model.compressor.deterministic
 
 
 def test_errors():

@@ -17,7 +17,7 @@ from efficient_mllm.kvcache.generate import generate
 from efficient_mllm.nn.language import LanguageConfig, LanguageModel
 from efficient_mllm.ops import masks
 
-from ._in_llm_helpers import greedy_reference, images, make_model, np_block_keys, prompts
+from ._in_llm_helpers import greedy_reference, images, model_for, np_block_keys, prompts
 
 T_, I_, P_ = masks.TEXT, masks.IMAGE, masks.PAD
 # Row 0: 2 text, 6 image, 2 text. Row 1: 1 text, 6 image, 1 text, 2 padding.
@@ -42,7 +42,9 @@ def lm_and_router():
     lm = LanguageModel(cfg, rngs=nnx.Rngs(0))
     mod = registry.COMPRESSORS.build(
         "pmod(ratio=0.5, schedule='constant', layers=(0, 1), zero_init=False)",
-        dim=32, num_layers=2, rngs=nnx.Rngs(1),
+        dim=32,
+        num_layers=2,
+        rngs=nnx.Rngs(1),
     )
     return lm, mod
 
@@ -57,9 +59,7 @@ def _capturing(block_fn):
 
 @nnx.jit
 def _run(lm, mod, embeds, cache):
-    _, block_fn = mod.make_hooks(
-        lm, token_types=TYPES, query_end=LENGTHS, num_image_tokens=6
-    )
+    _, block_fn = mod.make_hooks(lm, token_types=TYPES, query_end=LENGTHS, num_image_tokens=6)
     return lm(embeds, lengths=jnp.asarray(LENGTHS), cache=cache, block_fn=_capturing(block_fn))
 
 
@@ -84,7 +84,9 @@ def test_routing_skip_identity_and_layer_kv(lm_and_router):
             routed = np.sort(vis[np.argsort(-r[b, vis], kind="stable")[:k]])
             skipped = np.setdiff1d(vis, routed)
             # skipped vision tokens: g * x (unchanged by the block but for the STRing weight)
-            np.testing.assert_allclose(y[b, skipped], g[b, skipped, None] * x[b, skipped], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                y[b, skipped], g[b, skipped, None] * x[b, skipped], rtol=1e-5, atol=1e-6
+            )
             assert not np.allclose(y[b, routed], g[b, routed, None] * x[b, routed], atol=1e-3)
             np.testing.assert_array_equal(ex["visual_tokens"][b, layer], k)
             # the layer's KV: text + routed vision tokens, in order, with their original ids
@@ -93,17 +95,23 @@ def test_routing_skip_identity_and_layer_kv(lm_and_router):
             np.testing.assert_allclose(kv[b, : len(kept)], want_keys[b, kept], rtol=1e-4, atol=1e-5)
 
 
-def test_gradients_reach_routers():
-    model = make_model("pmod(ratio=0.5, schedule='constant', layers=(1, 2))")
-    assert isinstance(model.in_llm_compressor, nnx.Module)
-    tok, lengths = prompts()
-    imgs = images(4)
+def test_gradients_reach_routers(lm_and_router):
+    lm, mod = lm_and_router  # zero-initialised routers get a gradient too (tanh'(0) = 1)
+    mod = registry.COMPRESSORS.build(
+        "pmod(ratio=0.5, schedule='constant', layers=(0, 1))",
+        dim=32,
+        num_layers=2,
+        rngs=nnx.Rngs(1),
+    )
+    embeds = jax.random.normal(jax.random.key(3), (2, 10, 32))
 
-    def loss(m):
-        return jnp.mean(m(tok, imgs, lengths=lengths).logits ** 2)
+    def loss(mod, lm):
+        _, block_fn = mod.make_hooks(lm, token_types=TYPES, query_end=LENGTHS, num_image_tokens=6)
+        out = lm(embeds, lengths=jnp.asarray(LENGTHS), block_fn=block_fn)
+        return jnp.mean(out.logits**2)
 
-    grads = nnx.jit(nnx.grad(loss))(model)
-    leaves = jax.tree.leaves(grads["in_llm_compressor"]["routers"])
+    grads = nnx.jit(nnx.grad(loss))(mod, lm)
+    leaves = jax.tree.leaves(grads["routers"])
     assert len(leaves) == 4  # kernel + bias of the two routers
     for g in leaves:
         g = np.asarray(g)
@@ -111,11 +119,15 @@ def test_gradients_reach_routers():
 
 
 def test_generate_matches_repeated_forward():
-    model = make_model("pmod(ratio=0.5, zero_init=False)")
+    model = model_for("pmod(ratio=0.5, zero_init=False)")
+    assert isinstance(model.in_llm_compressor, nnx.Module)  # the routers are model parameters
+    assert "in_llm_compressor" in nnx.state(model, nnx.Param)
     tok, lengths = prompts()
     imgs = images(4)
     gen = generate(model, tok, images=imgs, lengths=lengths, max_new_tokens=3)
-    np.testing.assert_array_equal(np.asarray(gen.tokens), greedy_reference(model, tok, imgs, lengths, 3))
+    np.testing.assert_array_equal(
+        np.asarray(gen.tokens), greedy_reference(model, tok, imgs, lengths, 3)
+    )
 
 
 def test_bad_arguments_raise():

@@ -68,9 +68,7 @@ def test_block_probe_matches_numpy_block_attention_gqa_and_padding():
     rows = jnp.array([[9, 4], [6, 2]], jnp.int32)
     keys = jnp.array([[0, 1, 2], [3, 4, 5]], jnp.int32)
     kv_valid = jnp.arange(t)[None] < jnp.asarray(lengths)[:, None]
-    out = nnx.jit(
-        lambda bl, h: block_probe(bl, h, positions=pos, q_index=rows, kv_valid=kv_valid, key_index=keys)
-    )(block, hidden)
+    out = block_probe(block, hidden, positions=pos, q_index=rows, kv_valid=kv_valid, key_index=keys)
     full = np_block_probs(block, hidden, pos, lengths).mean(1)  # [B, T, T]
     r, kk = np.asarray(rows), np.asarray(keys)
     ref = np.stack([full[i][r[i]][:, kk[i]] for i in range(b)])
@@ -87,6 +85,8 @@ def test_probe_rejects_bad_shapes():
         attention_probe(q, jnp.zeros((1, 5, 2, 8)), q_index=jnp.zeros((1, 3), jnp.int32))
     with pytest.raises(ValueError, match="kv_valid"):
         attention_probe(
-            q, jnp.zeros((1, 5, 2, 8)), q_index=jnp.zeros((1, 2), jnp.int32),
+            q,
+            jnp.zeros((1, 5, 2, 8)),
+            q_index=jnp.zeros((1, 2), jnp.int32),
             kv_valid=jnp.ones((1, 4), bool),
         )

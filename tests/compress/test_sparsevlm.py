@@ -1,8 +1,7 @@
 """SparseVLM: raters, rater-scored selection, DPC-kNN recycling and the rank-adaptive count
 against independent numpy implementations; progressive schedule; cached generation."""
 
-import dataclasses
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from ._in_llm_helpers import (
     greedy_reference,
     image_span,
     images,
-    make_model,
+    model_for,
     np_block_probs,
     np_topk_sorted,
     prompts,
@@ -28,7 +27,7 @@ LAYERS, KEEP = (1, 2), (8, 4)
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model(f"sparsevlm(layers={LAYERS}, keep={KEEP}, recycle=0.5)")
+    return model_for(f"sparsevlm(layers={LAYERS}, keep={KEEP}, recycle=0.5)")
 
 
 def _np_raters(x, p, spliced):
@@ -58,7 +57,7 @@ def _np_dpc(x, valid, c):
     owner = centres[np.argmin(d[:, centres], axis=1)]
     owner[centres] = centres
     merged = {int(idx[cen]): xv[owner == cen].mean(0) for cen in centres}
-    return idx[centres], dict(zip(idx.tolist(), idx[owner].tolist())), merged
+    return idx[centres], dict(zip(idx.tolist(), idx[owner].tolist(), strict=True)), merged
 
 
 def test_dpc_knn_merge_matches_numpy():
@@ -66,7 +65,8 @@ def test_dpc_knn_merge_matches_numpy():
     x = rng.normal(size=(2, 9, 6)).astype(np.float32)
     valid = np.ones((2, 9), bool)
     valid[1, [2, 7]] = False
-    centres, ok, assign, merged = dpc_knn_merge(jnp.asarray(x), jnp.asarray(valid), 3)
+    dpc = jax.jit(dpc_knn_merge, static_argnums=2)
+    centres, ok, assign, merged = dpc(jnp.asarray(x), jnp.asarray(valid), 3)
     centres, ok, assign, merged = map(np.asarray, (centres, ok, assign, merged))
     for r in range(2):
         ref_c, ref_owner, ref_merged = _np_dpc(x[r], valid[r], 3)
@@ -81,11 +81,13 @@ def test_dpc_knn_merge_matches_numpy():
 def test_raters_selection_recycling_and_schedule_match_numpy(model):
     tok, lengths = prompts()
     l0 = LAYERS[0]
-    out = forward_capture(model, tok, images(4), lengths, (0, l0))
+    out = forward_capture(model, tok, images(4), lengths)
     ex = out.aux["hook_extra"]
     p, spliced = image_span(tok, lengths)
     embeds = np.asarray(ex["h0"])
-    raters = np.asarray(rater_mask(jnp.asarray(embeds), out.aux["token_types"], N_IMG, jnp.asarray(spliced)))
+    raters = np.asarray(
+        rater_mask(jnp.asarray(embeds), out.aux["token_types"], N_IMG, jnp.asarray(spliced))
+    )
     probs = np_block_probs(model.language.blocks[l0 - 1], embeds, ex["pos0"], ex["len0"]).mean(1)
     post = np.asarray(ex[f"h{l0}"])  # block l0-1 output: what recycling clusters
     n_cand, n_clu = recycle_sizes(N_IMG - KEEP[0], 0.5, 0.1)
@@ -105,12 +107,10 @@ def test_raters_selection_recycling_and_schedule_match_numpy(model):
     np.testing.assert_array_equal(vt, [[N_IMG, KEEP[0] + n_clu, n1]] * 4)
 
 
-def test_rank_adaptive_count(model):
-    model.in_llm_compressor = dataclasses.replace(
-        model.in_llm_compressor, layers=(2,), keep=(10,), recycle=0.0, adaptive=0.5
-    )
+def test_rank_adaptive_count():
+    model = model_for("sparsevlm(layers=(2,), keep=(10,), recycle=0.0, adaptive=0.5)")
     tok, lengths = prompts()
-    out = forward_capture(model, tok, images(4), lengths, (0, 1))
+    out = forward_capture(model, tok, images(4), lengths)
     ex = out.aux["hook_extra"]
     p, spliced = image_span(tok, lengths)
     embeds = np.asarray(ex["h0"])
@@ -124,16 +124,15 @@ def test_rank_adaptive_count(model):
         assert int(valid[r].sum()) == want
         top = np_topk_sorted(mat.mean(0), want)
         np.testing.assert_array_equal(np.asarray(ex["keep_idx/0"])[r, :want], top)
-    model.in_llm_compressor = dataclasses.replace(
-        model.in_llm_compressor, layers=LAYERS, keep=KEEP, recycle=0.5, adaptive=None
-    )
 
 
 def test_generate_matches_repeated_forward(model):
     tok, lengths = prompts()
     imgs = images(4)
     gen = generate(model, tok, images=imgs, lengths=lengths, max_new_tokens=3)
-    np.testing.assert_array_equal(np.asarray(gen.tokens), greedy_reference(model, tok, imgs, lengths, 3))
+    np.testing.assert_array_equal(
+        np.asarray(gen.tokens), greedy_reference(model, tok, imgs, lengths, 3)
+    )
 
 
 def test_bad_arguments_raise():

@@ -14,7 +14,7 @@ from ._in_llm_helpers import (
     greedy_reference,
     image_span,
     images,
-    make_model,
+    model_for,
     np_block_probs,
     prompts,
 )
@@ -24,7 +24,7 @@ LAYER, TAU, CAP = 2, 0.6, 10
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model(f"zipvl(layer={LAYER}, tau={TAU}, capacity={CAP})")
+    return model_for(f"zipvl(layer={LAYER}, tau={TAU}, capacity={CAP})")
 
 
 def _np_mass_keep(scores, tau, cap):
@@ -50,7 +50,7 @@ def test_mass_count_rule():
 
 def test_selection_matches_numpy_reference(model):
     tok, lengths = prompts()
-    out = forward_capture(model, tok, images(4), lengths, (LAYER - 1,))
+    out = forward_capture(model, tok, images(4), lengths)
     ex = out.aux["hook_extra"]
     h, pos, ln = (np.asarray(ex[f"{k}{LAYER - 1}"]) for k in ("h", "pos", "len"))
     probs = np_block_probs(model.language.blocks[LAYER - 1], h, pos, ln).mean(1)
@@ -74,7 +74,9 @@ def test_generate_matches_repeated_forward(model):
     tok, lengths = prompts()
     imgs = images(4)
     gen = generate(model, tok, images=imgs, lengths=lengths, max_new_tokens=3)
-    np.testing.assert_array_equal(np.asarray(gen.tokens), greedy_reference(model, tok, imgs, lengths, 3))
+    np.testing.assert_array_equal(
+        np.asarray(gen.tokens), greedy_reference(model, tok, imgs, lengths, 3)
+    )
 
 
 def test_bad_arguments_raise():

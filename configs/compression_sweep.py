@@ -1,0 +1,160 @@
+"""Visual-token compression sweep: methods x budgets on a trained 256-visual-token MLLM.
+
+The model keeps 256 visual tokens per image (a 16 x 16 patch grid, no pixel shuffle), so the
+LLaVA-1.5 protocol (576 tokens -> 288 / 192 / 128 / 64 / 32) applies in proportion: budgets
+1, 1/2, 1/3, 2/9, 1/9, 1/18 of the visual tokens -> 256, 128, 85, 57, 28, 14. ``shapes_vqa``
+uses 32 x 32 images with 2 x 2 patches, ``digit_grid_vqa`` 48 x 48 images with 3 x 3 patches;
+the ViT has a [CLS] token (the [CLS]-attention methods need it, as CLIP provides it in LLaVA).
+
+COMMAND:
+    # 1. train the uncompressed baseline (the same config file, mode "train")
+    python -m experiments.train --config configs/compression_sweep.py:train \
+        --workdir runs/sweep_shapes_base
+    # 2. sweep every method x budget on it (training-free methods reuse its parameters)
+    python -m experiments.compression_sweep --config configs/compression_sweep.py \
+        --checkpoint runs/sweep_shapes_base --workdir runs/compression_sweep_shapes
+    # the same on digit_grid_vqa
+    python -m experiments.train --config configs/compression_sweep.py:train,digit_grid \
+        --workdir runs/sweep_digits_base
+    python -m experiments.compression_sweep --config configs/compression_sweep.py:digit_grid \
+        --checkpoint runs/sweep_digits_base --workdir runs/compression_sweep_digits
+    # a reduced sweep (fewer methods, budgets and examples; what fits on a 2-core CPU)
+    python -m experiments.compression_sweep --config configs/compression_sweep.py:quick \
+        --checkpoint runs/sweep_shapes_base --workdir runs/compression_sweep_quick
+
+Arguments (comma-separated): ``train`` (the training config; it omits the ``sweep`` block),
+``digit_grid`` (dataset ``digit_grid_vqa`` instead of ``shapes_vqa``), ``quick`` (reduced sweep).
+
+Method templates: ``"label: spec"`` (label optional, default the registry name). The spec is a
+``registry.COMPRESSORS`` string with ``str.format`` fields filled per budget from the fraction
+``f`` of the ``N`` visual tokens: ``{keep}`` = ``max(1, round(f N))``, ``{frac}`` = ``f``,
+``{dominant}`` / ``{contextual}`` (VisionZip's 54 : 10 split of ``keep``), ``{kernel}``
+(average-pooling window ``round(sqrt(N / keep))``). Budget 1 is the uncompressed model (one
+row). In-LLM methods keep ``{keep}`` image tokens after their drop layer, so their
+layer-averaged count is higher than ``keep``; the table reports both.
+
+Learned compressors (``sweep.learned``) have parameters the baseline does not; each needs a
+checkpoint trained with it (``sweep.learned_checkpoints``, same order; train one with
+``--config.model.compressor='mqt(max_queries=64)'``), else its row says it was skipped.
+
+EXPECTED: see ``benchmarks/compression_sweep_shapes.md`` for the measured table, its device and
+the training run it used.
+"""
+
+import ml_collections
+
+from efficient_mllm.train.config import base_config, dataset_knobs
+
+BUDGETS = (1.0, 1 / 2, 1 / 3, 2 / 9, 1 / 9, 1 / 18)
+
+# Training-free methods (pre-LLM, then in-LLM), one spec template each.
+METHODS = (
+    "random: random(keep={keep})",
+    "uniform: uniform(keep={keep})",
+    "avgpool: avgpool(kernel={kernel})",
+    "fastervlm: fastervlm(keep={keep})",
+    "vtc_cls: vtc_cls(keep={keep}, layers=(-1, -2))",
+    "visionzip: visionzip(dominant={dominant}, contextual={contextual})",
+    "divprune: divprune(keep={keep})",
+    "todre: todre(keep={keep})",
+    "fourier_vlm: fourier_vlm(keep={keep})",
+    "tome: tome(keep={keep})",
+    "prumerge_plus: prumerge_plus(keep={keep})",
+    "dymu: dymu(threshold=0.9, capacity={keep})",
+    "flashvlm: flashvlm(keep={keep})",
+    "fastv: fastv(layer=1, keep={keep})",
+    "sparsevlm: sparsevlm(layers=(1,), keep=({keep},))",
+    "zipvl: zipvl(layer=1, tau=0.9, capacity={keep})",
+)
+QUICK_METHODS = (
+    "random: random(keep={keep})",
+    "uniform: uniform(keep={keep})",
+    "fastervlm: fastervlm(keep={keep})",
+    "visionzip: visionzip(dominant={dominant}, contextual={contextual})",
+    "divprune: divprune(keep={keep})",
+    "tome: tome(keep={keep})",
+    "fastv: fastv(layer=1, keep={keep})",
+)
+QUICK_BUDGETS = (1.0, 1 / 2, 2 / 9, 1 / 18)
+
+# Learned methods: each needs its own trained checkpoint.
+LEARNED = (
+    "attn_pool: attn_pool(pool=2)",
+    "mqt: mqt(max_queries=64, budget={keep})",
+    "pmod: pmod(ratio=0.5)",
+)
+
+
+def _options(arg):
+    opts = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    known = ("train", "digit_grid", "quick")
+    bad = [o for o in opts if o not in known]
+    if bad:
+        raise ValueError(f"configs/compression_sweep.py: unknown argument(s) {bad}; expected {known}")
+    return set(opts)
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    opts = _options(arg)
+    digits = "digit_grid" in opts
+    c = base_config()
+    c.seed = 0
+    if digits:
+        c.name = "sweep_digits"
+        c.data.name = "digit_grid_vqa"
+        c.data.knobs = dataset_knobs(
+            "digit_grid_vqa", image_size=48, rows=3, cols=3, fill=0.75, num_train=20000,
+            num_validation=500, num_test=0, seed=0,
+        )
+        patch = 3
+    else:
+        c.name = "sweep_shapes"
+        c.data.name = "shapes_vqa"
+        c.data.knobs = dataset_knobs(
+            "shapes_vqa", image_size=32, min_objects=1, max_objects=2, min_object_size=0.3,
+            max_object_size=0.45, num_train=30000, num_validation=500, num_test=0, seed=0,
+        )
+        patch = 2
+    c.model = ml_collections.ConfigDict(
+        dict(
+            language=dict(vocab_size=0, width=64, depth=3, heads=4, kv_heads=2, mlp_dim=128),
+            vision=dict(image_size=0, patch_size=patch, width=48, depth=2, heads=4, mlp_dim=96,
+                        use_cls=True),
+            projector="mlp2x_gelu",
+            pixel_shuffle=1,
+            image_token_id=-1,
+            compressor=ml_collections.FieldReference(None, field_type=str),
+        )
+    )
+    c.train.steps = 1200
+    c.train.batch_size = 32
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 100
+    c.train.min_lr_ratio = 0.05
+    c.train.weight_decay = 0.01
+    c.train.log_every = 25
+    c.eval.batch_size = 50
+    c.eval.every = 500
+    c.eval.max_batches = 2
+    c.eval.final_max_batches = 4
+    c.checkpoint.every = 200
+    if "train" not in opts:
+        quick = "quick" in opts
+        c.name += "_quick" if quick else ""
+        c.sweep = ml_collections.ConfigDict(
+            dict(
+                budgets=QUICK_BUDGETS if quick else BUDGETS,
+                methods=QUICK_METHODS if quick else METHODS,
+                only="",  # comma-separated labels to keep (e.g. "random,fastv"); "" = all
+                learned=() if quick else LEARNED,
+                learned_checkpoints=() if quick else ("",) * len(LEARNED),
+                eval_examples=200 if quick else 500,
+                max_new_tokens=0,  # 0: the longest reference answer
+                latency_batch=1,
+                latency_warmup=2,
+                latency_repeats=5 if quick else 10,
+                benchmark_out="",  # also write <path>.md / <path>.json (e.g. benchmarks/...)
+            )
+        )
+    c.lock()
+    return c
