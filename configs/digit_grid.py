@@ -26,7 +26,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         dict(
             language=dict(vocab_size=0, width=128, depth=2, heads=4, mlp_dim=256),
-            vision=dict(image_size=0, patch_size=4, width=96, depth=2, heads=4, mlp_dim=192,
+            vision=dict(image_size=0, patch_size=6, width=96, depth=2, heads=4, mlp_dim=192,
                         use_cls=False),
             projector="mlp2x_gelu",
             pixel_shuffle=2,

@@ -1,12 +1,22 @@
-"""Quickstart: a tiny MLLM (ViT + MLP projector + decoder) on ``shapes_vqa``, on CPU.
+"""Quickstart: a tiny MLLM (1-layer ViT, MLP projector with 2x2 pixel shuffle, 2-layer decoder;
+0.3M parameters) on ``shapes_vqa`` (32x32 images, 1-2 objects of 10-14 px, 6 shapes x 7 colours,
+all six question types; 30k training / 500 validation questions), on CPU.
 
-COMMAND (what ``make demo`` runs, data + train + eval + report):
+COMMAND (what ``make demo`` runs: data, training, evaluation, report):
     python -m experiments.demo
 or step by step:
     python -m experiments.train --config configs/quickstart.py --workdir runs/quickstart
     python -m experiments.evaluate --config configs/quickstart.py --checkpoint runs/quickstart
 
-EXPECTED: see the numbers filled in below by the measured run (EXPECTED_* constants).
+EXPECTED (measured with this config on the 2-core development machine while it was shared with
+about four other jobs, load average ~8): validation exact match 73.6% (greedy generation, 500
+questions; color 85.7%, shape 45.7%, count 89.5%, exist 90.3%, relative_position 55.6%,
+left_of 35.3%), teacher-forced answer accuracy 73.6%, answer perplexity 1.34. Accuracy was still
+rising (teacher-forced 65.5 / 69.0 / 72.5 / 73.6% at steps 500 / 1000 / 1500 / 2000). 7.4 GFLOP
+per step; the process used 7.4 min user + 3.6 min system CPU time, but the wall time was 23 min
+because of the sharing; on two idle cores expect roughly 5-7 minutes for the whole demo (an
+estimate from the CPU time, not a measurement). The 85% target is not reached: recognising
+shapes and the two spatial question types need more training than fits in the CPU budget.
 """
 
 import ml_collections

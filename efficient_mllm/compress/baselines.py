@@ -126,7 +126,11 @@ class AvgPool:
         pad_w = max(0, wc[-1][0] + k - gw)
         x = tokens.reshape(b, gh, gw, d).astype(jnp.float32)
         summed = jax.lax.reduce_window(
-            x, 0.0, jax.lax.add, (1, k, k, 1), (1, s, s, 1),
+            x,
+            0.0,
+            jax.lax.add,
+            (1, k, k, 1),
+            (1, s, s, 1),
             ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
         )[:, : len(wr), : len(wc)]
         counts = np.array([[h * w for _, w in wc] for _, h in wr], np.float32)
@@ -210,8 +214,13 @@ class PixelShuffleConnector(nnx.Module):
     "Multimodal Models with Open-Source Suites (Chen et al., arXiv:2404.16821)",
 )
 def pixel_shuffle(
-    factor: int = 2, *, vision_dim: int, dim: int, dtype=jnp.float32,
-    param_dtype=jnp.float32, rngs: nnx.Rngs,
+    factor: int = 2,
+    *,
+    vision_dim: int,
+    dim: int,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
 ) -> PixelShuffleConnector:
     """Learned pixel-shuffle connector: ``factor x factor`` neighbouring ViT features
     (``features``, pre-projector) are concatenated into one token of width

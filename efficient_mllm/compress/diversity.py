@@ -117,7 +117,9 @@ class ToDRE:
         bonus = jnp.zeros((b, n), jnp.float32)
         if w > 0:
             core.require(
-                text_embeds, "text_embeds", "todre(relevance_weight > 0)",
+                text_embeds,
+                "text_embeds",
+                "todre(relevance_weight > 0)",
                 "pass the prompt's text embeddings or set relevance_weight=0",
             )
             if text_embeds.ndim != 3 or text_embeds.shape[0] != b or text_embeds.shape[2] != d:

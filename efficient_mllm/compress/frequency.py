@@ -100,9 +100,8 @@ def fourier_vlm(
     if keep_side is not None:
         sides = tuple(keep_side) if isinstance(keep_side, (tuple, list)) else keep_side
         items = sides if isinstance(sides, tuple) else (sides,)
-        if (
-            len(items) not in (1, 2)
-            or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in items)
+        if len(items) not in (1, 2) or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in items
         ):
             raise ValueError(f"keep_side={keep_side!r}: expected an int >= 1 or (kh, kw)")
         keep_side = (int(items[0]), int(items[-1])) if len(items) == 2 else int(items[0])
@@ -111,4 +110,3 @@ def fourier_vlm(
     if not isinstance(inverse, bool):
         raise ValueError(f"inverse={inverse!r}: expected True or False")
     return FourierVLM(keep_side, keep, inverse)
-

@@ -64,7 +64,9 @@ class VisionZip:
         if c > 0:
             if self.metric == "features":
                 keys = core.require(
-                    features, "features", "visionzip(metric='features')",
+                    features,
+                    "features",
+                    "visionzip(metric='features')",
                     "pass the pre-projector features or use metric='tokens'",
                 )
                 if features.shape[:2] != (b, n):
@@ -117,7 +119,11 @@ def visionzip(
     attention each patch receives over all queries instead).
     """
     core.check_budget(dominant, "dominant")
-    if isinstance(contextual, bool) or not isinstance(contextual, (int, np.integer)) or contextual < 0:
+    if (
+        isinstance(contextual, bool)
+        or not isinstance(contextual, (int, np.integer))
+        or contextual < 0
+    ):
         raise ValueError(f"contextual={contextual!r}: expected an int >= 0")
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}: expected one of {METRICS}")

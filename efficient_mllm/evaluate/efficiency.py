@@ -363,7 +363,7 @@ def prompt_batch(batch: Mapping[str, Any], pad_id: int = 0) -> tuple[np.ndarray,
 
 def _prefill_rows(model: Any, tokens: Any, images: Any, lengths: Any):
     """One jitted prefill: ``(visual [B, depth], total [B, depth], kv_bytes [B],
-    kv_bytes_cache [B])``."""
+    kv_bytes_cache [B], cache)``."""
     lang, _ = _cfgs(model)
     graphdef, state = nnx.split(model)
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -375,7 +375,8 @@ def _prefill_rows(model: Any, tokens: Any, images: Any, lengths: Any):
     cap = _capacity(model, tokens, images) + 1  # + 1: the same compile as measure_latency's
     _, cache, aux = _prefill_jit(graphdef, state, tokens, images, lengths, capacity=cap)
     visual, total = tokens_per_layer(aux, lang.depth)
-    return visual, total, np.asarray(kv_cache_bytes(model, total)), cache_row_bytes(cache)
+    kv = np.asarray(kv_cache_bytes(model, total))
+    return visual, total, kv, cache_row_bytes(cache), cache
 
 
 def _summarize(model: Any, visual, total, kv, kv_real, ok, n_images: float) -> dict[str, Any]:
@@ -420,12 +421,15 @@ def account(
     them all), ``layer_avg_visual_tokens``, ``prompt_tokens`` (decoder input),
     ``layer_avg_prompt_tokens``, ``prefill_flops`` (dict, see :func:`prefill_flops`),
     ``prefill_gflops``, ``kv_bytes`` (analytic) and ``kv_bytes_cache`` (the real cache's filled
-    bytes; ``kv_match`` says whether every row agrees), plus the per-row arrays in ``rows``.
+    bytes; ``kv_match`` says whether every row agrees), plus the per-row arrays in ``rows``
+    and ``rows["cache_used_nbytes"]`` (``KVCache.used_nbytes()`` of the whole batch).
     """
-    visual, total, kv, kv_real = _prefill_rows(model, tokens, images, lengths)
+    visual, total, kv, kv_real, cache = _prefill_rows(model, tokens, images, lengths)
     b = visual.shape[0]
     ok = np.ones(b, bool) if valid is None else np.asarray(valid, bool).reshape(b)
-    return _summarize(model, visual, total, kv, kv_real, ok, 0.0 if images is None else 1.0)
+    out = _summarize(model, visual, total, kv, kv_real, ok, 0.0 if images is None else 1.0)
+    out["rows"]["cache_used_nbytes"] = int(cache.used_nbytes())  # all rows, padding included
+    return out
 
 
 def account_batches(
@@ -439,7 +443,7 @@ def account_batches(
         toks, plen = prompt_batch(batch, pad_id)
         images = batch.get("image")
         n_images = 0.0 if images is None else 1.0
-        rows = _prefill_rows(model, toks, images, plen)
+        rows = _prefill_rows(model, toks, images, plen)[:4]
         ok = (
             np.ones(len(toks), bool)
             if "valid" not in batch

@@ -1,12 +1,14 @@
 """Checkpoints with orbax ``CheckpointManager``: periodic saves, keep N, resume, reshard.
 
-A checkpoint holds the sharded train state (any pytree of arrays), the data iterator state and a
-JSON dict of metadata. Restoring takes an *abstract* state (``jax.ShapeDtypeStruct`` leaves with
+A checkpoint holds the sharded train state (any pytree of arrays), the data-iterator state of
+every process (``get_state()`` of a grain iterator: bytes or JSON) and a JSON dict of metadata. Restoring takes an *abstract* state (``jax.ShapeDtypeStruct`` leaves with
 shardings); giving shardings on another mesh reshards while loading.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -50,18 +52,49 @@ def _data_to_keys(tree: Any, abstract: Any) -> Any:
     return jax.tree.map(one, tree, abstract)
 
 
-def _encode_data_state(s: Any) -> Any:
-    if s is None:
+class _DataStateHandler(ocp.CheckpointHandler):
+    """Orbax handler for data-iterator states: every process writes and reads its own
+    ``process_<i>-of-<n>.json`` (per-host shards have per-host positions)."""
+
+    @staticmethod
+    def _path(directory) -> Any:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory, args: "DataStateSave") -> None:
+        s = args.state
+        record = {"bytes": s.decode("utf-8")} if isinstance(s, bytes) else {"json": s}
+        self._path(directory).write_text(json.dumps(record))
+
+    def restore(self, directory, args: "DataStateRestore | None" = None) -> Any:
+        path = self._path(directory)
+        if not path.exists():
+            raise ValueError(
+                f"checkpoint: no data-iterator state {path}; it was saved by "
+                f"a different number of processes than the {jax.process_count()} now running"
+            )
+        record = json.loads(path.read_text())
+        return record["bytes"].encode("utf-8") if "bytes" in record else record["json"]
+
+    def metadata(self, directory) -> None:
         return None
-    if isinstance(s, bytes):
-        return {"__bytes__": s.decode("utf-8")}
-    return s
+
+    def finalize(self, directory) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
-def _decode_data_state(s: Any) -> Any:
-    if isinstance(s, dict) and set(s) == {"__bytes__"}:
-        return s["__bytes__"].encode("utf-8")
-    return s
+@ocp.args.register_with_handler(_DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(_DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -117,14 +150,13 @@ class Checkpointer:
             return False
         if step in self._mngr.all_steps():
             return False
-        extra = {"step": int(step), "data_state": _encode_data_state(data_state), "meta": meta or {}}
-        self._mngr.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_keys_to_data(state)), extra=ocp.args.JsonSave(extra)
-            ),
-            force=True,
-        )
+        items = {
+            "state": ocp.args.StandardSave(_keys_to_data(state)),
+            "extra": ocp.args.JsonSave({"step": int(step), "meta": meta or {}}),
+        }
+        if data_state is not None:
+            items["data"] = DataStateSave(data_state)
+        self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
         return True
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
@@ -139,15 +171,14 @@ class Checkpointer:
                 f"step = {step!r}; expected one of the saved steps {self.all_steps()} in {self.directory!r}"
             )
         target = _abstract_keys_to_data(abstract_state)
-        r = self._mngr.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
-            ),
-        )
+        items = {"state": ocp.args.StandardRestore(target), "extra": ocp.args.JsonRestore()}
+        has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+        if has_data:
+            items["data"] = DataStateRestore()
+        r = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
         state = _data_to_keys(r.state, abstract_state)
         extra = r.extra or {}
-        return state, _decode_data_state(extra.get("data_state")), dict(extra.get("meta") or {})
+        return state, (r.data if has_data else None), dict(extra.get("meta") or {})
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

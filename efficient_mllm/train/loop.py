@@ -325,7 +325,7 @@ class Trainer:
 
             bar = tqdm(total=until, initial=start, desc=self.config.get("name", "train"),
                        unit="step", dynamic_ncols=True)
-        t_first = time.perf_counter()
+        t_first, cpu_first = time.perf_counter(), time.process_time()
         try:
             for step in range(start + 1, until + 1):
                 batch = next(self.train_iter)
@@ -382,6 +382,9 @@ class Trainer:
         self.ckpt.wait()
         wall = time.perf_counter() - t_first
         self.perf["train_time_s"] = self.perf.get("train_time_s", 0.0) + wall
+        self.perf["train_cpu_time_s"] = (
+            self.perf.get("train_cpu_time_s", 0.0) + time.process_time() - cpu_first
+        )
         if timed_time > 0:
             self.perf["tokens_per_s"] = timed_tokens / timed_time
             self.perf["examples_per_s"] = timed_examples / timed_time

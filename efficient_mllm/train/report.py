@@ -158,6 +158,7 @@ def write_report(
         ("steps", "steps"),
         ("final_train_loss", "final train loss"),
         ("train_time_s", "train wall time (s)"),
+        ("train_cpu_time_s", "train CPU time of this process, all threads (s)"),
         ("eval_time_s", "final evaluation wall time (s)"),
         ("tokens_per_s", "throughput (text tokens/s, after compilation)"),
         ("examples_per_s", "throughput (examples/s)"),

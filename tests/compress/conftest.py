@@ -77,7 +77,9 @@ def jit_compressor(comp, grid=GRID, names=None):
 
     def call(inputs):
         kw = {k: jnp.asarray(v) for k, v in inputs.items() if k != "tokens"}
-        kw = {k: v for k, v in kw.items() if (ok is None or k in ok) and (names is None or k in names)}
+        kw = {
+            k: v for k, v in kw.items() if (ok is None or k in ok) and (names is None or k in names)
+        }
         return f(jnp.asarray(inputs["tokens"]), kw)
 
     return call
@@ -132,7 +134,7 @@ def check_contract():
     return contract
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_mllm(
     compressor, *, use_cls=True, vision_depth=1, rope_type="rope", pixel_shuffle=1, seed=0
 ):

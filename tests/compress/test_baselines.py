@@ -23,8 +23,9 @@ def test_random_contract_and_properties():
     inp = make_inputs(0)
     # The subset depends on the row's index in the batch, so only row 0 is batch-invariant.
     out = contract(build("random(keep=5, seed=3)"), inp, 5, row_invariant=(0,))
-    np.testing.assert_array_equal(out["tokens"], np.take_along_axis(
-        inp["tokens"], out["keep_idx"][:, :, None], axis=1))
+    np.testing.assert_array_equal(
+        out["tokens"], np.take_along_axis(inp["tokens"], out["keep_idx"][:, :, None], axis=1)
+    )
     # Deterministic, content-independent, different per row and per seed.
     other = contract(build("random(keep=5, seed=3)"), make_inputs(9), 5, row_invariant=())
     np.testing.assert_array_equal(other["keep_idx"], out["keep_idx"])
@@ -117,9 +118,7 @@ def test_avgpool_matches_numpy(kernel, stride, grid):
 
 
 def test_pixel_shuffle_matches_numpy():
-    comp = build(
-        "pixel_shuffle(factor=2)", vision_dim=8, dim=32, rngs=nnx.Rngs(0)
-    )
+    comp = build("pixel_shuffle(factor=2)", vision_dim=8, dim=32, rngs=nnx.Rngs(0))
     inp = make_inputs(3)
     out = contract(comp, inp, 4)
     w1, b1 = np.asarray(comp.fc1.kernel[...]), np.asarray(comp.fc1.bias[...])

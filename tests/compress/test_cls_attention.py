@@ -40,7 +40,9 @@ def test_vtc_cls_matches_numpy(agg):
     out = contract(build(spec), inp, 6, row_invariant=rows)
     for r in range(4):
         rows = inp["layer_cls_attention"][r]  # [3, N]
-        score = [(max if agg == "max" else lambda v: sum(v) / 3)(list(rows[:, j])) for j in range(16)]
+        score = [
+            (max if agg == "max" else lambda v: sum(v) / 3)(list(rows[:, j])) for j in range(16)
+        ]
         ref = _topk_numpy(np.array(score, np.float32), 6)
         np.testing.assert_array_equal(out["keep_idx"][r], ref)
     assert build("vtc_cls(keep=2, layers=(-1, -3))").cls_attention_layers == (-1, -3)
@@ -107,13 +109,17 @@ def test_mllm_feeds_the_vit_scores():
     # Without [CLS] it raises unless the mean-query fallback is asked for.
     with pytest.raises(ValueError, match=r"\[CLS\] token.*use_cls=False"):
         _encode(build_mllm("fastervlm(keep=6)", use_cls=False), images)
-    img, vis = _encode(build_mllm("fastervlm(keep=6, fallback='mean_query')", use_cls=False), images)
+    img, vis = _encode(
+        build_mllm("fastervlm(keep=6, fallback='mean_query')", use_cls=False), images
+    )
     assert vis.cls is None
     np.testing.assert_array_equal(
         np.asarray(img.keep_idx)[1], _topk_numpy(np.asarray(vis.cls_attention)[1], 6)
     )
     # VTC-CLS with pixel shuffle 2: the layer rows are summed over each 2x2 cell.
-    model = build_mllm("vtc_cls(keep=2, layers=(0, -1), agg='max')", vision_depth=2, pixel_shuffle=2)
+    model = build_mllm(
+        "vtc_cls(keep=2, layers=(0, -1), agg='max')", vision_depth=2, pixel_shuffle=2
+    )
     img, vis = _encode(model, images)
     rows = np.asarray(vis.layer_cls_attention).reshape(3, 2, 2, 2, 2, 2).sum(axis=(3, 5))
     for r in range(3):

@@ -48,7 +48,9 @@ def test_topk_select_order_ties_and_valid():
 def test_gathers_1d_and_3d_positions():
     x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
     idx = jnp.array([[0, 4], [2, 3]])
-    np.testing.assert_array_equal(np.asarray(core.gather_tokens(x, idx)), np.asarray(x)[[[0], [1]], idx])
+    np.testing.assert_array_equal(
+        np.asarray(core.gather_tokens(x, idx)), np.asarray(x)[[[0], [1]], idx]
+    )
     pos = jnp.broadcast_to(jnp.arange(5)[None] + 10, (2, 5))
     np.testing.assert_array_equal(np.asarray(core.gather_positions(pos, idx)), [[10, 14], [12, 13]])
     pos3 = jnp.stack([pos, pos * 2, pos * 3])
@@ -72,7 +74,9 @@ def test_merge_tokens_matches_numpy():
     x = rng.normal(size=(2, 7, 3)).astype(np.float32)
     assign = np.array([[0, 1, 1, -1, 2, 0, 0], [2, 2, 2, 2, 2, 2, 2]], np.int32)
     w = rng.uniform(0.5, 2.0, size=(2, 7)).astype(np.float32)
-    merged, total = core.merge_tokens(jnp.asarray(x), jnp.asarray(assign), 3, weights=jnp.asarray(w))
+    merged, total = core.merge_tokens(
+        jnp.asarray(x), jnp.asarray(assign), 3, weights=jnp.asarray(w)
+    )
     for b in range(2):
         for s in range(3):
             members = [i for i in range(7) if assign[b, i] == s]

@@ -78,8 +78,13 @@ def test_todre_matches_numpy(w, metric):
     out = contract(build(spec), inp, 6, row_invariant=(0, 1, 2, 3) if w == 0.5 else ())
     for r in range(4):
         ref = todre_numpy(
-            inp[metric][r], 6, inp["tokens"][r], inp["text_embeds"][r],
-            int(inp["text_lengths"][r]), int(inp["placeholder"][r]), w,
+            inp[metric][r],
+            6,
+            inp["tokens"][r],
+            inp["text_embeds"][r],
+            int(inp["text_lengths"][r]),
+            int(inp["placeholder"][r]),
+            w,
         )
         np.testing.assert_array_equal(out["keep_idx"][r], ref)
 
@@ -93,6 +98,17 @@ def test_todre_relevance_changes_the_choice():
     guided = contract(build("todre(keep=3, relevance_weight=10.0)"), inp, 3, row_invariant=())
     assert (guided["keep_idx"] == 5).any(axis=1).all()
     assert not np.array_equal(plain["keep_idx"], guided["keep_idx"])
+
+
+def test_degenerate_inputs_stay_finite():
+    # All-zero tokens (cosine of zero vectors) and an empty prompt: no NaN, distinct indices.
+    inp = make_inputs(5)
+    inp["tokens"][:] = 0.0
+    inp["text_embeds"][:] = 0.0
+    inp["text_lengths"][:] = 0
+    for spec in ("divprune(keep=5)", "todre(keep=5)"):
+        out = contract(build(spec), inp, 5, row_invariant=())
+        assert np.asarray(out["valid"]).all()
 
 
 @pytest.mark.parametrize("spec", ["divprune(keep=5)", "todre(keep=5)"])

@@ -20,7 +20,9 @@ def fourier_numpy(x, grid, kh, kw, inverse):
     """scipy's orthonormal 2D DCT-II over the grid, low kh x kw block, optional k-point IDCT
     rescaled by sqrt(kh kw / (gh gw))."""
     gh, gw = grid
-    coef = scipy.fft.dctn(x.reshape(gh, gw, -1).astype(np.float64), type=2, norm="ortho", axes=(0, 1))
+    coef = scipy.fft.dctn(
+        x.reshape(gh, gw, -1).astype(np.float64), type=2, norm="ortho", axes=(0, 1)
+    )
     low = coef[:kh, :kw]
     if inverse:
         low = scipy.fft.idctn(low, type=2, norm="ortho", axes=(0, 1)) * np.sqrt(kh * kw / (gh * gw))

@@ -68,6 +68,11 @@ def test_special_cases():
     c = contract(build("visionzip(dominant=6, contextual=10)"), inp, 16, row_invariant=())
     np.testing.assert_array_equal(c["keep_idx"], np.tile(np.arange(16), (4, 1)))
     np.testing.assert_allclose(c["tokens"], inp["tokens"], rtol=1e-6)
+    # Zero similarity features and uniform attention: finite, ties go to the lower index.
+    inp["features"][:] = 0.0
+    inp["cls_attention"][:] = 1.0 / 16
+    z = contract(build("visionzip(dominant=2, contextual=2)"), inp, 4, row_invariant=())
+    np.testing.assert_array_equal(z["keep_idx"], np.tile([0, 1, 2, 9], (4, 1)))
 
 
 def test_end_to_end():

@@ -1,0 +1,638 @@
+"""Visual-token compression sweep: methods x budgets on one trained baseline MLLM.
+
+    python -m experiments.compression_sweep --config configs/compression_sweep.py \
+        --checkpoint runs/sweep_shapes_base --workdir runs/compression_sweep_shapes
+    python -m experiments.compression_sweep --config configs/compression_sweep.py:quick \
+        --checkpoint runs/sweep_shapes_base --config.sweep.only=random,fastv \
+        --config.sweep.benchmark_out=benchmarks/compression_sweep_shapes
+
+For every (method, budget) of ``config.sweep`` the model is rebuilt with
+``compressor=<spec>`` and given the baseline's parameters (training-free methods; a method
+whose compressor has parameters must be listed under ``sweep.learned`` with its own checkpoint,
+else its row says it was skipped), then measured on the first ``sweep.eval_examples``
+examples of ``config.eval.split``: exact-match accuracy by greedy generation, visual tokens at
+the LLM input and layer-averaged, analytic prefill FLOPs, KV-cache bytes (checked against a
+real cache), and the median jitted prefill / decode-step latency
+(``efficient_mllm.evaluate.efficiency``). Everything runs on one device (the first).
+
+Writes to ``--workdir`` (default ``runs/<config.name>``): ``config.json``,
+``compression_sweep.json``, ``compression_sweep.md`` (the table) and the Pareto plots
+``pareto_flops.png`` (accuracy vs prefill GFLOPs) and ``pareto_latency.png`` (accuracy vs
+prefill ms); ``sweep.benchmark_out`` also writes ``<path>.md`` / ``<path>.json``.
+``--checkpoint=''`` evaluates a randomly initialised model (a smoke test: its accuracy means
+nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import json
+import logging
+import math
+import os
+import platform
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Job",
+    "budget_fields",
+    "format_spec",
+    "parse_methods",
+    "plan_jobs",
+    "pareto_front",
+    "run_sweep",
+    "write_markdown",
+    "plot_pareto",
+]
+
+OUTPUT_STEM = "compression_sweep"
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    """One row of the sweep. ``frac`` None: the learned method's fixed budget (or baseline 1)."""
+
+    label: str
+    frac: float | None
+    spec: str | None
+    kind: str  # "baseline" | "training_free" | "learned"
+    checkpoint: str = ""
+    note: str = ""
+
+
+def budget_fields(frac: float, n: int) -> dict[str, Any]:
+    """Template fields for a budget ``frac`` of ``n`` visual tokens (see
+    ``configs/compression_sweep.py``): ``keep``, ``frac``, ``dominant``, ``contextual``,
+    ``kernel``."""
+    if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ValueError(f"budget={frac!r}: expected a fraction in (0, 1]")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r}: expected the number of visual tokens (a positive int)")
+    keep = max(1, min(n, int(round(frac * n))))
+    contextual = int(round(keep * 10 / 64)) if keep >= 2 else 0
+    return {
+        "keep": keep,
+        "frac": float(frac),
+        "dominant": keep - contextual,
+        "contextual": contextual,
+        "kernel": max(1, int(round(math.sqrt(n / keep)))),
+    }
+
+
+def format_spec(template: str, frac: float, n: int) -> str:
+    """Fills a spec template's ``{keep}`` / ``{frac}`` / ... fields for budget ``frac``."""
+    try:
+        return template.format(**budget_fields(frac, n))
+    except (KeyError, IndexError) as e:
+        raise ValueError(
+            f"method template {template!r}: unknown field {e}; expected keep, frac, dominant, "
+            "contextual, kernel"
+        ) from None
+
+
+def _is_template(template: str) -> bool:
+    return "{" in template
+
+
+def parse_methods(entries: Sequence[str]) -> list[tuple[str, str]]:
+    """``"label: spec-template"`` strings (label optional) -> ``[(label, template)]``."""
+    from efficient_mllm import registry
+
+    out = []
+    for e in entries:
+        if not isinstance(e, str) or not e.strip():
+            raise ValueError(f"sweep method entry {e!r}: expected 'label: spec template'")
+        label, sep, template = e.partition(": ")
+        if not sep:
+            template = e
+            label = ""
+        template = template.strip()
+        name = registry.parse_spec(format_spec(template, 0.5, 64) if _is_template(template)
+                                   else template)[0]
+        out.append((label.strip() or name, template))
+    labels = [lab for lab, _ in out]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise ValueError(f"sweep methods: duplicate labels {dup}; give each a distinct 'label: '")
+    return out
+
+
+def plan_jobs(sweep: Mapping[str, Any], n: int) -> list[Job]:
+    """The baseline, then every training-free method at every budget < 1, then the learned
+    methods (skipped, with a note, when they have no checkpoint). A budget whose filled spec
+    equals an earlier budget's (e.g. the same pooling window) becomes a note, not a rerun."""
+    budgets = [float(b) for b in sweep["budgets"]]
+    for b in budgets:
+        budget_fields(b, n)  # validates
+    only = {s.strip() for s in str(sweep.get("only", "") or "").split(",") if s.strip()}
+    jobs = [Job("baseline", 1.0, None, "baseline")]
+    methods = parse_methods(sweep.get("methods", ()))
+    learned = parse_methods(sweep.get("learned", ()))
+    ckpts = list(sweep.get("learned_checkpoints", ()) or ())
+    if ckpts and len(ckpts) != len(learned):
+        raise ValueError(
+            f"sweep.learned_checkpoints has {len(ckpts)} entries: expected one per learned "
+            f"method ({len(learned)}), '' where there is none"
+        )
+    known = {lab for lab, _ in methods + learned}
+    if only - known:
+        raise ValueError(f"sweep.only={sorted(only)}: unknown labels {sorted(only - known)}; "
+                         f"expected some of {sorted(known)}")
+    fracs = [b for b in budgets if b < 1.0]
+    for label, template in methods:
+        if only and label not in only:
+            continue
+        if not _is_template(template):
+            jobs.append(Job(label, None, template, "training_free"))
+            continue
+        seen: dict[str, float] = {}
+        for f in fracs:
+            spec = format_spec(template, f, n)
+            if spec in seen:
+                jobs.append(Job(label, f, spec, "training_free",
+                                note=f"same spec as budget {_frac_label(seen[spec])}: not rerun"))
+                continue
+            seen[spec] = f
+            jobs.append(Job(label, f, spec, "training_free"))
+    for i, (label, template) in enumerate(learned):
+        if only and label not in only:
+            continue
+        ck = ckpts[i] if ckpts else ""
+        if not ck:
+            jobs.append(Job(label, None, template, "learned",
+                            note="skipped: learned method, no checkpoint trained with it given "
+                                 "(sweep.learned_checkpoints)"))
+            continue
+        if _is_template(template):
+            for f in fracs:
+                jobs.append(Job(label, f, format_spec(template, f, n), "learned", checkpoint=ck))
+        else:
+            jobs.append(Job(label, None, template, "learned", checkpoint=ck))
+    return jobs
+
+
+def _frac_label(frac: float | None) -> str:
+    if frac is None:
+        return "fixed"
+    if frac >= 1.0:
+        return "all"
+    return str(fractions.Fraction(frac).limit_denominator(100))
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def _to_device(tree: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x))), tree)
+
+
+def _restore(config: Any, checkpoint: str, components: Any, mcfg: Any, step: int | None):
+    """``(params, rest)`` (pure dicts on the default device) of ``checkpoint`` for a model of
+    config ``mcfg``, via the training loop's ``restore_for_eval``."""
+    from flax import nnx
+
+    from efficient_mllm.nn.mllm import MLLM
+    from efficient_mllm.train.loop import restore_for_eval
+
+    def model_fn(rngs: nnx.Rngs):
+        return MLLM(mcfg, rngs=rngs)
+
+    comps = dataclasses.replace(components, model_fn=model_fn)
+    cfg = config.copy_and_resolve_references()
+    cfg.unlock()
+    cfg.model.compressor = mcfg.compressor if isinstance(mcfg.compressor, str) else None
+    if "sweep" in cfg:
+        del cfg["sweep"]
+    cfg.lock()
+    trainer = restore_for_eval(cfg, checkpoint, step=step, components=comps)
+    params, rest = _to_device(trainer.state.params), _to_device(trainer.state.rest)
+    trainer.ckpt.close()
+    return params, rest
+
+
+def _build(mcfg: Any, params: Any, rest: Any | None, seed: int, *, check: bool):
+    """An ``MLLM(mcfg)`` holding ``params`` (and ``rest`` when its structure matches)."""
+    import jax
+    from flax import nnx
+
+    from efficient_mllm.nn.mllm import MLLM
+    from efficient_mllm.train.step import merge_model, split_model
+
+    model = MLLM(mcfg, rngs=nnx.Rngs(seed))
+    graphdef, own_params, own_rest = split_model(model)
+    if check and jax.tree.structure(own_params) != jax.tree.structure(params):
+        mine = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(own_params)}
+        base = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+        extra = sorted(mine - base)[:4]
+        raise ValueError(
+            f"compressor {mcfg.compressor!r} has parameters the baseline does not ({extra}...): "
+            "list it under sweep.learned with a checkpoint trained with it"
+        )
+    if rest is None or jax.tree.structure(own_rest) != jax.tree.structure(rest):
+        rest = own_rest
+    return merge_model(graphdef, params, rest)
+
+
+# -- measuring one model -----------------------------------------------------------------------
+
+
+def _measure(model: Any, batches: list, sweep: Mapping[str, Any], components: Any) -> dict:
+    from efficient_mllm.evaluate import efficiency as eff
+    from efficient_mllm.evaluate.evaluators import ExactMatch, run_evaluators
+
+    tok = components.tokenizer
+    pad = int(getattr(tok, "pad_id", 0) or 0)
+    t0 = time.perf_counter()
+    acct = eff.account_batches(model, batches, pad_id=pad)
+    account_s = time.perf_counter() - t0
+    max_new = int(sweep.get("max_new_tokens", 0) or 0) or None
+    t0 = time.perf_counter()
+    res = run_evaluators(model, batches, [ExactMatch(max_new)],
+                         question_types=components.question_types, tokenizer=tok)
+    eval_s = time.perf_counter() - t0
+    b0 = batches[0]
+    toks, plen = eff.prompt_batch(b0, pad)
+    lb = max(1, min(int(sweep.get("latency_batch", 1)), len(toks)))
+    images = b0.get("image")
+    t0 = time.perf_counter()
+    lat = eff.measure_latency(
+        model, toks[:lb], None if images is None else np.asarray(images)[:lb], plen[:lb],
+        warmup=int(sweep.get("latency_warmup", 1)), repeats=int(sweep.get("latency_repeats", 5)),
+    )
+    latency_s = time.perf_counter() - t0
+    row = {k: v for k, v in acct.items() if k != "rows"}
+    row.update(
+        accuracy=float(res["accuracy"]),
+        accuracy_per_type={k.split("/", 1)[1]: v for k, v in res.items()
+                           if k.startswith("accuracy/")},
+        eval_examples=int(res.get("examples", 0)),
+        eval_time_s=eval_s,
+        account_time_s=account_s,
+        latency_time_s=latency_s,
+        prefill_ms=lat["prefill_ms"],
+        decode_ms_per_token=lat["decode_ms_per_token"],
+        latency_batch=lat["batch"],
+    )
+    return row
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points (no other point is at most as costly and more
+    accurate, or cheaper and at least as accurate), in increasing cost."""
+    pts = [(float(c), float(a), i) for i, (c, a) in enumerate(zip(costs, accuracies, strict=True))
+           if math.isfinite(float(c)) and math.isfinite(float(a))]
+    pts.sort(key=lambda p: (p[0], -p[1]))
+    front, best = [], -math.inf
+    for c, a, i in pts:
+        if a > best:
+            front.append(i)
+            best = a
+    return front
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def write_markdown(path: str, result: Mapping[str, Any]) -> str:
+    """The sweep table (and its context) as markdown."""
+    meta = result["meta"]
+    base = result.get("baseline") or {}
+    lines = [
+        f"# Visual-token compression sweep: {meta['dataset']}",
+        "",
+        f"- checkpoint: `{meta['checkpoint'] or 'none (random init: accuracy meaningless)'}`"
+        + (f" (step {meta['step']})" if meta.get("step") is not None else ""),
+        f"- model: {meta['model_summary']}",
+        f"- visual tokens per image (uncompressed): {meta['num_visual_tokens']}",
+        f"- eval: {meta['eval_examples']} `{meta['eval_split']}` examples, exact match by greedy "
+        "generation",
+        f"- latency: batch {meta['latency_batch']}, median of {meta['latency_repeats']} after "
+        f"{meta['latency_warmup']} warm-up, jitted, on {meta['device']}",
+        f"- baseline accuracy: {_fmt(base.get('accuracy'), '.4f')}",
+        f"- date: {meta['date']}, wall time {meta['wall_time_s']:.0f} s",
+        "",
+        "| method | budget | spec | tokens at input | layer-avg tokens | prefill GFLOPs | "
+        "KV KiB | prefill ms | decode ms/token | accuracy | % of baseline | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        ok = r["status"] == "ok"
+        lines.append(
+            "| " + " | ".join([
+                r["method"],
+                r["budget_label"],
+                f"`{r['spec']}`" if r.get("spec") else "-",
+                _fmt(r.get("visual_tokens"), ".1f") if ok else "-",
+                _fmt(r.get("layer_avg_visual_tokens"), ".1f") if ok else "-",
+                _fmt(r.get("prefill_gflops"), ".4f") if ok else "-",
+                _fmt(r["kv_bytes"] / 1024, ".1f") if ok else "-",
+                _fmt(r.get("prefill_ms"), ".2f") if ok else "-",
+                _fmt(r.get("decode_ms_per_token"), ".2f") if ok else "-",
+                _fmt(r.get("accuracy"), ".4f") if ok else "-",
+                _fmt(r.get("pct_baseline"), ".1f") if ok else "-",
+                (r.get("note") or "").replace("|", "/"),
+            ]) + " |"
+        )
+    lines += [
+        "",
+        "Columns: *tokens at input* = valid visual tokens spliced into the decoder; *layer-avg "
+        "tokens* = mean over decoder layers of the visual tokens each layer processed (in-LLM "
+        "methods drop tokens inside the decoder); *prefill GFLOPs* = analytic matrix-product "
+        "FLOPs per example (ViT + projector + decoder with causal attention + LM head at the "
+        "last token); *KV KiB* = KV-cache bytes of the prompt per example (checked against the "
+        "real cache: `kv_match` in the JSON); latencies are wall-clock medians for one jitted "
+        "prefill of the prompt batch and one decode step after it.",
+        "",
+        "![accuracy vs prefill FLOPs](pareto_flops.png) ![accuracy vs prefill latency]"
+        "(pareto_latency.png)",
+        "",
+    ]
+    text = "\n".join(lines)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, x_key: str, x_label: str) -> str:
+    """Accuracy vs ``x_key`` per method (lines over budgets), the baseline as a star and the
+    Pareto front over all points dashed; PNG via matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get(x_key) is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    methods = [m for m in dict.fromkeys(r["method"] for r in ok) if m != "baseline"]
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
+        pts = sorted((r[x_key], r["accuracy"]) for r in ok if r["method"] == m)
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", ms=4, lw=1, color=cmap(i % 20), label=m)
+    for r in ok:
+        if r["method"] == "baseline":
+            ax.plot([r[x_key]], [r["accuracy"]], marker="*", ms=14, color="k", ls="none",
+                    label="baseline (all tokens)")
+    front = pareto_front([r[x_key] for r in ok], [r["accuracy"] for r in ok])
+    if front:
+        ax.plot([ok[i][x_key] for i in front], [ok[i]["accuracy"] for i in front], ls="--",
+                color="0.4", lw=1, drawstyle="steps-post", label="Pareto front")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("exact-match accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def _model_summary(mcfg: Any) -> str:
+    lang, vis = mcfg.language, mcfg.vision
+    return (
+        f"ViT {vis.image_size[0]}px/patch {vis.patch_size} (width {vis.width}, depth "
+        f"{vis.depth}, cls={vis.use_cls}) -> mlp2x_gelu (pixel shuffle {mcfg.pixel_shuffle}) -> "
+        f"decoder width {lang.width}, depth {lang.depth}, heads {lang.heads}/{lang.kv_heads} kv, "
+        f"mlp {lang.mlp_dim}, vocab {lang.vocab_size}, {lang.dtype}"
+    )
+
+
+def run_sweep(
+    config: Any,
+    checkpoint: str | None,
+    workdir: str,
+    *,
+    step: int | None = None,
+    components: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs the sweep described by ``config.sweep`` and writes the outputs to ``workdir``.
+    Returns the result dict (as written to ``compression_sweep.json``) with ``paths``."""
+    import jax
+    from flax import nnx
+
+    from efficient_mllm.evaluate.efficiency import relative_accuracy
+    from efficient_mllm.train.loop import build_components
+    from efficient_mllm.train.step import split_model
+
+    if "sweep" not in config:
+        raise ValueError("config has no 'sweep' block: use configs/compression_sweep.py without "
+                         "the 'train' argument")
+    sweep = config.sweep
+    t_start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    comps = components if components is not None else build_components(config)
+    base_mcfg = nnx.eval_shape(lambda: comps.model_fn(nnx.Rngs(0))).cfg
+    if base_mcfg.vision is None:
+        raise ValueError("config.model has no vision encoder: a compression sweep needs one")
+    if base_mcfg.compressor is not None:
+        raise ValueError(f"config.model.compressor={base_mcfg.compressor!r}: the baseline must "
+                         "be uncompressed (None)")
+    gh, gw = base_mcfg.grid
+    n = gh * gw
+    seed = int(config.get("seed", 0))
+    checkpoint = checkpoint or ""
+    if checkpoint:
+        params, rest = _restore(config, checkpoint, comps, base_mcfg, step)
+    else:
+        log.warning("no checkpoint: sweeping a randomly initialised model (accuracy meaningless)")
+        _, params, rest = split_model(_init_model(base_mcfg, seed))
+        params, rest = _to_device(params), _to_device(rest)
+
+    ec = config.eval
+    n_eval = int(sweep.get("eval_examples", 0) or 0)
+    batches = []
+    count = 0
+    for b in comps.eval_batches():
+        batches.append(b)
+        count += int(np.sum(b.get("valid", np.ones(len(b["tokens"]), bool))))
+        if n_eval and count >= n_eval:
+            break
+    if not batches:
+        raise ValueError(f"eval split {ec.get('split', 'validation')!r} has no examples")
+    jobs = plan_jobs(sweep, n)
+
+    rows: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="sweep", unit="run", dynamic_ncols=True)
+    baseline_acc = float("nan")
+    try:
+        for job in jobs:
+            if bar is not None:
+                bar.set_postfix_str(f"{job.label} @ {_frac_label(job.frac)}")
+            row = {
+                "method": job.label,
+                "budget": job.frac,
+                "budget_label": _frac_label(job.frac),
+                "budget_tokens": None if job.frac is None else budget_fields(job.frac, n)["keep"],
+                "spec": job.spec,
+                "kind": job.kind,
+                "note": job.note,
+                "status": "skipped" if job.note else "ok",
+            }
+            if not job.note:
+                t0 = time.perf_counter()
+                try:
+                    mcfg = base_mcfg.replace(compressor=job.spec)
+                    if job.kind == "learned":
+                        p, r = _restore(config, job.checkpoint, comps, mcfg, None)
+                        model = _build(mcfg, p, r, seed, check=False)
+                    else:
+                        model = _build(mcfg, params, rest, seed, check=True)
+                    if job.kind != "baseline":
+                        row["stage"] = "in_llm" if model.in_llm_compressor is not None else "pre_llm"
+                    row.update(_measure(model, batches, sweep, comps))
+                    if job.kind == "baseline":
+                        baseline_acc = row["accuracy"]
+                    row["pct_baseline"] = relative_accuracy(row["accuracy"], baseline_acc)
+                    row["frac_tokens_input"] = row["visual_tokens"] / n
+                    if job.frac is None:
+                        row["budget_label"] = f"fixed ({row['visual_tokens']:.0f})"
+                except Exception as e:  # one failing method must not end the sweep
+                    log.warning("%s %s failed:\n%s", job.label, job.spec, traceback.format_exc())
+                    row["status"] = "error"
+                    row["note"] = f"error: {type(e).__name__}: {e}"[:300]
+                row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+                if row["status"] == "ok":
+                    bar.write(f"{job.label:>14s} {row['budget_label']:>6s}: tokens "
+                              f"{row['visual_tokens']:6.1f} (layer-avg "
+                              f"{row['layer_avg_visual_tokens']:6.1f}), "
+                              f"{row['prefill_gflops']:.4f} GFLOPs, acc {row['accuracy']:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    dev = jax.devices()[0]
+    meta = {
+        "dataset": config.data.name,
+        "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
+        "step": step,
+        "num_visual_tokens": n,
+        "model": json.loads(json.dumps(base_mcfg.to_dict(), default=str)),
+        "model_summary": _model_summary(base_mcfg),
+        "eval_split": ec.get("split", "validation"),
+        "eval_examples": count,
+        "latency_batch": int(sweep.get("latency_batch", 1)),
+        "latency_warmup": int(sweep.get("latency_warmup", 1)),
+        "latency_repeats": int(sweep.get("latency_repeats", 5)),
+        "device": f"{dev.platform} ({dev.device_kind}), jax {jax.__version__}, "
+                  f"{platform.machine()} {os.cpu_count()} cpus",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "budgets": [float(b) for b in sweep.budgets],
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    for key in ("prefill_gflops", "prefill_ms"):
+        front = pareto_front([r[key] for r in ok_rows], [r["accuracy"] for r in ok_rows])
+        for i, r in enumerate(ok_rows):
+            r[f"pareto_{key}"] = i in front
+    result = {
+        "meta": meta,
+        "baseline": next((r for r in rows if r["kind"] == "baseline"), None),
+        "rows": rows,
+    }
+    paths = {
+        "json": os.path.join(workdir, f"{OUTPUT_STEM}.json"),
+        "markdown": os.path.join(workdir, f"{OUTPUT_STEM}.md"),
+        "pareto_flops": os.path.join(workdir, "pareto_flops.png"),
+        "pareto_latency": os.path.join(workdir, "pareto_latency.png"),
+    }
+    plot_pareto(rows, paths["pareto_flops"], "prefill_gflops", "prefill GFLOPs per example")
+    plot_pareto(rows, paths["pareto_latency"], "prefill_ms",
+                f"prefill latency, ms (batch {meta['latency_batch']})")
+    write_markdown(paths["markdown"], result)
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2, default=_json_default)
+    out = str(sweep.get("benchmark_out", "") or "")
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        write_markdown(out + ".md", result)
+        with open(out + ".json", "w") as f:
+            json.dump(result, f, indent=2, default=_json_default)
+        paths.update(benchmark_markdown=out + ".md", benchmark_json=out + ".json")
+    result["paths"] = paths
+    return result
+
+
+def _init_model(mcfg: Any, seed: int):
+    """A randomly initialised ``MLLM(mcfg)`` (the no-checkpoint smoke-test path)."""
+    from flax import nnx
+
+    from efficient_mllm.nn.mllm import MLLM
+
+    return MLLM(mcfg, rngs=nnx.Rngs(seed))
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def main(argv):
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", cfg.name)
+    res = run_sweep(cfg, _CHECKPOINT.value, workdir, step=_STEP.value)
+    print(f"table: {res['paths']['markdown']}")
+    base = res["baseline"] or {}
+    print(f"baseline accuracy {base.get('accuracy', float('nan')):.4f}; "
+          f"{sum(r['status'] == 'ok' for r in res['rows'])} runs, "
+          f"{sum(r['status'] == 'skipped' for r in res['rows'])} skipped, "
+          f"{sum(r['status'] == 'error' for r in res['rows'])} errors")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compression_sweep.py[:args]",
+                                              lock_config=True)
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                      "Baseline run directory ('' = random init, a smoke test).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<name>).")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.mark_flags_as_required(["config", "checkpoint"])
+    app.run(main)
