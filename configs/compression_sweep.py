@@ -18,12 +18,13 @@ COMMAND:
         --workdir runs/sweep_digits_base
     python -m experiments.compression_sweep --config configs/compression_sweep.py:digit_grid \
         --checkpoint runs/sweep_digits_base --workdir runs/compression_sweep_digits
-    # a reduced sweep (fewer methods, budgets and examples; what fits on a 2-core CPU)
+    # a reduced sweep (3 budgets, 200 examples; what fits on a 2-core CPU)
     python -m experiments.compression_sweep --config configs/compression_sweep.py:quick \
         --checkpoint runs/sweep_shapes_base --workdir runs/compression_sweep_quick
 
 Arguments (comma-separated): ``train`` (the training config; it omits the ``sweep`` block),
-``digit_grid`` (dataset ``digit_grid_vqa`` instead of ``shapes_vqa``), ``quick`` (reduced sweep).
+``digit_grid`` (dataset ``digit_grid_vqa`` instead of ``shapes_vqa``), ``quick`` (reduced sweep:
+budgets 1, 1/2, 2/9, 1/18, 200 examples, no learned methods).
 
 Method templates: ``"label: spec"`` (label optional, default the registry name). The spec is a
 ``registry.COMPRESSORS`` string with ``str.format`` fields filled per budget from the fraction
@@ -66,15 +67,6 @@ METHODS = (
     "sparsevlm: sparsevlm(layers=(1,), keep=({keep},))",
     "zipvl: zipvl(layer=1, tau=0.9, capacity={keep})",
 )
-QUICK_METHODS = (
-    "random: random(keep={keep})",
-    "uniform: uniform(keep={keep})",
-    "fastervlm: fastervlm(keep={keep})",
-    "visionzip: visionzip(dominant={dominant}, contextual={contextual})",
-    "divprune: divprune(keep={keep})",
-    "tome: tome(keep={keep})",
-    "fastv: fastv(layer=1, keep={keep})",
-)
 QUICK_BUDGETS = (1.0, 1 / 2, 2 / 9, 1 / 18)
 
 # Learned methods: each needs its own trained checkpoint.
@@ -90,7 +82,9 @@ def _options(arg):
     known = ("train", "digit_grid", "quick")
     bad = [o for o in opts if o not in known]
     if bad:
-        raise ValueError(f"configs/compression_sweep.py: unknown argument(s) {bad}; expected {known}")
+        raise ValueError(
+            f"configs/compression_sweep.py: unknown argument(s) {bad}; expected {known}"
+        )
     return set(opts)
 
 
@@ -144,7 +138,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.sweep = ml_collections.ConfigDict(
             dict(
                 budgets=QUICK_BUDGETS if quick else BUDGETS,
-                methods=QUICK_METHODS if quick else METHODS,
+                methods=METHODS,
                 only="",  # comma-separated labels to keep (e.g. "random,fastv"); "" = all
                 learned=() if quick else LEARNED,
                 learned_checkpoints=() if quick else ("",) * len(LEARNED),
@@ -152,7 +146,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                 max_new_tokens=0,  # 0: the longest reference answer
                 latency_batch=1,
                 latency_warmup=2,
-                latency_repeats=5 if quick else 10,
+                latency_repeats=20,
+                kv_capacity="fitted",  # latency cache: "fitted" per layer, or "uniform"
                 benchmark_out="",  # also write <path>.md / <path>.json (e.g. benchmarks/...)
             )
         )

@@ -4,14 +4,15 @@ questions ask which digit is in a cell, where a digit is, how many there are, an
 COMMAND:
     python -m experiments.train --config configs/digit_grid.py --workdir runs/digit_grid
 
-EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were measured on).
+EXPECTED (measured on the shared 2-core development machine): a 600-step run
+(``--config.train.steps=600``, same data and model) reached 33.4% exact match on 500 validation
+questions (digit_at 29%, where_is 14%, count 44%, compare 47%), answer perplexity 2.23, at
+0.26 s/step (9.6 GFLOP/step, 0.6M parameters). The full 2000-step run has not been measured.
 """
 
 import ml_collections
 
 from efficient_mllm.train.config import base_config, dataset_knobs
-
-EXPECTED = {}
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

@@ -9,14 +9,16 @@ The evaluators are teacher-forced (``token_accuracy`` is the fraction of recalle
 ``tf_accuracy`` the fraction of rows with every value right) and perplexity; MQAR targets are
 interleaved with the queries, so exact match of a generated suffix does not apply.
 
-EXPECTED: see ``EXPECTED`` below (measured numbers, with the device they were measured on).
+EXPECTED (measured on the shared 2-core development machine, attention ``softmax``): a
+600-step run (``--config.train.steps=600``) recalled 18.9% of the values (``token_accuracy``;
+chance is under 2%), no row entirely right yet, perplexity 8.7, at 0.33 s/step (9.3 GFLOP/step,
+12.5k tokens/s). Associative recall is learned late (induction-style heads form after a
+plateau); the full 2000-step run has not been measured.
 """
 
 import ml_collections
 
 from efficient_mllm.train.config import base_config, dataset_knobs
-
-EXPECTED = {}
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

@@ -17,7 +17,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "Entry",

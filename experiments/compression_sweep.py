@@ -267,11 +267,19 @@ def _measure(model: Any, batches: list, sweep: Mapping[str, Any], components: An
     b0 = batches[0]
     toks, plen = eff.prompt_batch(b0, pad)
     lb = max(1, min(int(sweep.get("latency_batch", 1)), len(toks)))
+    toks = toks[:, : int(plen[:lb].max())]  # the latency rows' own prompt width
     images = b0.get("image")
+    mode = str(sweep.get("kv_capacity", "fitted"))
+    if mode not in ("fitted", "uniform"):
+        raise ValueError(f"sweep.kv_capacity={mode!r}: expected 'fitted' or 'uniform'")
+    cap = None
+    if mode == "fitted":  # the first lb rows of batches[0] are the first account rows
+        cap = eff.fitted_capacity(acct["rows"]["tokens_per_layer"][:lb], extra=1)
     t0 = time.perf_counter()
     lat = eff.measure_latency(
         model, toks[:lb], None if images is None else np.asarray(images)[:lb], plen[:lb],
         warmup=int(sweep.get("latency_warmup", 1)), repeats=int(sweep.get("latency_repeats", 5)),
+        capacity=cap,
     )
     latency_s = time.perf_counter() - t0
     row = {k: v for k, v in acct.items() if k != "rows"}
@@ -286,6 +294,7 @@ def _measure(model: Any, batches: list, sweep: Mapping[str, Any], components: An
         prefill_ms=lat["prefill_ms"],
         decode_ms_per_token=lat["decode_ms_per_token"],
         latency_batch=lat["batch"],
+        kv_capacity=lat["kv_capacity"],
     )
     return row
 
@@ -300,7 +309,7 @@ def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> list[in
            if math.isfinite(float(c)) and math.isfinite(float(a))]
     pts.sort(key=lambda p: (p[0], -p[1]))
     front, best = [], -math.inf
-    for c, a, i in pts:
+    for _c, a, i in pts:
         if a > best:
             front.append(i)
             best = a
@@ -327,7 +336,9 @@ def write_markdown(path: str, result: Mapping[str, Any]) -> str:
         f"- eval: {meta['eval_examples']} `{meta['eval_split']}` examples, exact match by greedy "
         "generation",
         f"- latency: batch {meta['latency_batch']}, median of {meta['latency_repeats']} after "
-        f"{meta['latency_warmup']} warm-up, jitted, on {meta['device']}",
+        f"{meta['latency_warmup']} warm-up, jitted, on {meta['device']}; KV cache "
+        + ("fitted per layer to the compressed prompt + 1 decode slot"
+           if meta["kv_capacity"] == "fitted" else "of the uncompressed prompt + 1 in every layer"),
         f"- baseline accuracy: {_fmt(base.get('accuracy'), '.4f')}",
         f"- date: {meta['date']}, wall time {meta['wall_time_s']:.0f} s",
         "",
@@ -508,7 +519,8 @@ def run_sweep(
                     else:
                         model = _build(mcfg, params, rest, seed, check=True)
                     if job.kind != "baseline":
-                        row["stage"] = "in_llm" if model.in_llm_compressor is not None else "pre_llm"
+                        in_llm = model.in_llm_compressor is not None
+                        row["stage"] = "in_llm" if in_llm else "pre_llm"
                     row.update(_measure(model, batches, sweep, comps))
                     if job.kind == "baseline":
                         baseline_acc = row["accuracy"]
@@ -546,6 +558,7 @@ def run_sweep(
         "latency_batch": int(sweep.get("latency_batch", 1)),
         "latency_warmup": int(sweep.get("latency_warmup", 1)),
         "latency_repeats": int(sweep.get("latency_repeats", 5)),
+        "kv_capacity": str(sweep.get("kv_capacity", "fitted")),
         "device": f"{dev.platform} ({dev.device_kind}), jax {jax.__version__}, "
                   f"{platform.machine()} {os.cpu_count()} cpus",
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -31,7 +31,9 @@ Every number reported next to an accuracy (ARCHITECTURE.md, convention 11):
   against a real cache's per-layer lengths after a prefill (:func:`cache_row_bytes`, which sums
   to ``KVCache.used_nbytes()``).
 * **Latency**: median wall time of a jitted prefill and of one jitted decode step, after
-  warm-up, with ``jax.block_until_ready`` (:func:`time_call`, :func:`measure_latency`).
+  warm-up, with ``jax.block_until_ready`` (:func:`time_call`, :func:`measure_latency`), on a
+  cache sized as ``generate`` sizes it or fitted per layer to the compressed prompt
+  (:func:`fitted_capacity`).
 * **Accuracy as % of the uncompressed model**: :func:`relative_accuracy`.
 
     >>> rep = account(model, prompt_tokens, images, prompt_lengths)   # one jitted prefill
@@ -64,6 +66,7 @@ __all__ = [
     "kv_cache_bytes",
     "cache_row_bytes",
     "time_call",
+    "fitted_capacity",
     "measure_latency",
     "relative_accuracy",
     "prompt_batch",
@@ -294,6 +297,18 @@ def _capacity(model: Any, tokens: Any, images: Any) -> int:
     return int(model.spliced_length(np.shape(tokens), None if images is None else np.shape(images)))
 
 
+def fitted_capacity(tokens_per_layer: Any, extra: int = 1) -> tuple[int, ...]:
+    """Per-layer KV capacity that holds ``tokens_per_layer [B, depth]`` (the most over rows)
+    plus ``extra`` decode slots: the cache a deployment of an in-LLM compressor allocates
+    (layers after a drop hold fewer tokens; ``KVCache`` takes per-layer capacities)."""
+    t = np.asarray(tokens_per_layer, np.int64)
+    if t.ndim != 2 or t.shape[0] == 0:
+        raise ValueError(f"tokens_per_layer shape={t.shape}: expected [B, depth] with B > 0")
+    if isinstance(extra, bool) or not isinstance(extra, (int, np.integer)) or extra < 0:
+        raise ValueError(f"extra={extra!r}: expected an int >= 0")
+    return tuple(int(c) + int(extra) for c in np.maximum(t.max(axis=0), 1))
+
+
 def measure_latency(
     model: Any,
     tokens: Any,
@@ -302,12 +317,16 @@ def measure_latency(
     *,
     warmup: int = 1,
     repeats: int = 5,
+    capacity: int | Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Median prefill time of the prompt batch and of one decode step after it, in ms.
 
     Both are jitted (compiled in the warm-up calls), timed with ``block_until_ready``; the
-    decode step runs on the prefilled cache (capacity = spliced prompt + 1) with the greedy
-    next token, so it measures one token at this context length.
+    decode step runs on the prefilled cache with the greedy next token, so it measures one
+    token at this context length. ``capacity``: KV slots per row, one int or one per layer
+    (:func:`fitted_capacity`); default the spliced prompt + 1 in every layer, as ``generate``
+    allocates. Every layer needs room for the tokens it caches plus the decoded one (writes past
+    the capacity are dropped, not raised, under ``jit``).
     """
     graphdef, state = nnx.split(model)
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -316,7 +335,12 @@ def measure_latency(
         lengths, jnp.int32
     )
     images = None if images is None else jnp.asarray(images)
-    cap = _capacity(model, tokens, images) + 1
+    if capacity is None:
+        cap = _capacity(model, tokens, images) + 1
+    elif isinstance(capacity, (int, np.integer)) and not isinstance(capacity, bool):
+        cap = int(capacity)
+    else:
+        cap = tuple(int(c) for c in capacity)
     pre = time_call(
         lambda s, t, i, ln: _prefill_jit(graphdef, s, t, i, ln, capacity=cap),
         state, tokens, images, lengths, warmup=max(warmup, 1), repeats=repeats,
@@ -333,6 +357,7 @@ def measure_latency(
         "decode_ms_per_token": 1e3 * dec["median_s"],
         "prefill_ms_min": 1e3 * pre["min_s"],
         "decode_ms_min": 1e3 * dec["min_s"],
+        "kv_capacity": list(cache.capacities),
     }
 
 

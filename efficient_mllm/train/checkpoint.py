@@ -60,12 +60,12 @@ class _DataStateHandler(ocp.CheckpointHandler):
     def _path(directory) -> Any:
         return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-    def save(self, directory, args: "DataStateSave") -> None:
+    def save(self, directory, args: DataStateSave) -> None:
         s = args.state
         record = {"bytes": s.decode("utf-8")} if isinstance(s, bytes) else {"json": s}
         self._path(directory).write_text(json.dumps(record))
 
-    def restore(self, directory, args: "DataStateRestore | None" = None) -> Any:
+    def restore(self, directory, args: DataStateRestore | None = None) -> Any:
         path = self._path(directory)
         if not path.exists():
             raise ValueError(
@@ -159,9 +159,12 @@ class Checkpointer:
         self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
         return True
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, data: bool = True
+    ) -> tuple[Any, Any, dict]:
         """``(state, data_state, meta)`` of ``step`` (default: latest) laid out as
-        ``abstract_state`` (``ShapeDtypeStruct`` leaves carrying the target shardings)."""
+        ``abstract_state`` (``ShapeDtypeStruct`` leaves carrying the target shardings).
+        ``data=False`` skips the data-iterator state (``None`` is returned for it)."""
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -172,7 +175,7 @@ class Checkpointer:
             )
         target = _abstract_keys_to_data(abstract_state)
         items = {"state": ocp.args.StandardRestore(target), "extra": ocp.args.JsonRestore()}
-        has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+        has_data = data and os.path.isdir(os.path.join(self.directory, str(step), "data"))
         if has_data:
             items["data"] = DataStateRestore()
         r = self._mngr.restore(int(step), args=ocp.args.Composite(**items))

@@ -10,7 +10,8 @@ attention run by an opaque kernel (a cuDNN custom call, a Pallas kernel) is not 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 from jax.extend import core as jex_core

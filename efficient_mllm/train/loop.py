@@ -256,8 +256,10 @@ class Trainer:
         data_state = self.train_iter.get_state() if hasattr(self.train_iter, "get_state") else None
         return self.ckpt.save(self.step, self.state, data_state=data_state, force=force)
 
-    def restore(self, step: int | None = None) -> None:
-        state, data_state, _ = self.ckpt.restore(self.abstract_state, step)
+    def restore(self, step: int | None = None, *, data: bool = True) -> None:
+        """Loads a checkpoint (default: latest) onto this trainer's mesh; ``data=False`` leaves
+        the data iterator where it is."""
+        state, data_state, _ = self.ckpt.restore(self.abstract_state, step, data=data)
         self.state = state
         if data_state is not None and hasattr(self.train_iter, "set_state"):
             self.train_iter.set_state(data_state)
@@ -511,5 +513,5 @@ def restore_for_eval(
                 write_outputs=False)
     if t.ckpt.latest_step() is None:
         raise ValueError(f"checkpoint = {path!r}: no checkpoint found in {ck_dir!r}")
-    t.restore(step)
+    t.restore(step, data=False)
     return t

@@ -109,6 +109,28 @@ def test_kv_bytes_equal_real_cache(compressor):
     assert one["examples"] == 1 and one["kv_bytes"] == kv[0]
 
 
+def test_fitted_capacity_keeps_decode_exact():
+    # FastV drops to 4 of 16 image tokens after layer 0: layer 1's cache can be 4 + 4 + 1 slots.
+    cfg = MLLMConfig(language=LANG, vision=VISION, image_token_id=IMG_ID,
+                     compressor="fastv(layer=1, keep=4)")
+    model = MLLM(cfg, rngs=nnx.Rngs(0))
+    tokens, images, lengths = _batch()
+    rep = eff.account(model, tokens, images, lengths)
+    cap = eff.fitted_capacity(rep["rows"]["tokens_per_layer"], extra=1)
+    assert cap == (16 + 6 + 1, 4 + 6 + 1)
+    graphdef, state = nnx.split(model)
+    args = (jnp.asarray(tokens), jnp.asarray(images), jnp.asarray(lengths))
+    outs = []
+    for c in (cap, model.spliced_length(tokens.shape, images.shape) + 1):
+        logits, cache, _ = eff._prefill_jit(graphdef, state, *args, capacity=c)
+        nxt = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)
+        outs.append((logits, eff._decode_jit(graphdef, state, nxt, cache)[0]))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="extra=-1"):
+        eff.fitted_capacity([[1, 2]], extra=-1)
+
+
 def test_cache_row_bytes_sum_to_used_nbytes():
     cache = KVCache.init(batch=3, capacity=6, num_layers=2, kv_heads=2, head_dim=4)
     layers = tuple(
