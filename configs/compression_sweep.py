@@ -30,7 +30,7 @@ Method templates: ``"label: spec"`` (label optional, default the registry name).
 ``registry.COMPRESSORS`` string with ``str.format`` fields filled per budget from the fraction
 ``f`` of the ``N`` visual tokens: ``{keep}`` = ``max(1, round(f N))``, ``{frac}`` = ``f``,
 ``{dominant}`` / ``{contextual}`` (VisionZip's 54 : 10 split of ``keep``), ``{kernel}``
-(average-pooling window ``round(sqrt(N / keep))``). Budget 1 is the uncompressed model (one
+(the smallest average-pooling window leaving at most ``keep`` tokens). Budget 1 is the uncompressed model (one
 row). In-LLM methods keep ``{keep}`` image tokens after their drop layer, so their
 layer-averaged count is higher than ``keep``; the table reports both.
 

@@ -74,19 +74,26 @@ class Job:
 def budget_fields(frac: float, n: int) -> dict[str, Any]:
     """Template fields for a budget ``frac`` of ``n`` visual tokens (see
     ``configs/compression_sweep.py``): ``keep``, ``frac``, ``dominant``, ``contextual``,
-    ``kernel``."""
+    ``kernel`` (the smallest pooling window, ceil mode, leaving at most ``keep`` tokens of a
+    square ``sqrt(n)`` grid)."""
     if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
         raise ValueError(f"budget={frac!r}: expected a fraction in (0, 1]")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: expected the number of visual tokens (a positive int)")
     keep = max(1, min(n, int(round(frac * n))))
     contextual = int(round(keep * 10 / 64)) if keep >= 2 else 0
+    side = math.isqrt(n)
+    if side * side != n:
+        side = math.ceil(math.sqrt(n))
+    kernel = 1
+    while math.ceil(side / kernel) ** 2 > keep:
+        kernel += 1
     return {
         "keep": keep,
         "frac": float(frac),
         "dominant": keep - contextual,
         "contextual": contextual,
-        "kernel": max(1, int(round(math.sqrt(n / keep)))),
+        "kernel": kernel,
     }
 
 
@@ -322,6 +329,13 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return format(v, spec)
 
 
+def _stderr(row: Mapping[str, Any]) -> float:
+    p, n = row.get("accuracy"), row.get("eval_examples", 0)
+    if p is None or not n:
+        return float("nan")
+    return math.sqrt(p * (1 - p) / n)
+
+
 def write_markdown(path: str, result: Mapping[str, Any]) -> str:
     """The sweep table (and its context) as markdown."""
     meta = result["meta"]
@@ -339,7 +353,9 @@ def write_markdown(path: str, result: Mapping[str, Any]) -> str:
         f"{meta['latency_warmup']} warm-up, jitted, on {meta['device']}; KV cache "
         + ("fitted per layer to the compressed prompt + 1 decode slot"
            if meta["kv_capacity"] == "fitted" else "of the uncompressed prompt + 1 in every layer"),
-        f"- baseline accuracy: {_fmt(base.get('accuracy'), '.4f')}",
+        f"- baseline accuracy: {_fmt(base.get('accuracy'), '.4f')} (binomial standard error "
+        f"{_fmt(_stderr(base), '.4f')} on {base.get('eval_examples', 0)} examples: accuracy "
+        "differences of a few points between rows are within noise)",
         f"- date: {meta['date']}, wall time {meta['wall_time_s']:.0f} s",
         "",
         "| method | budget | spec | tokens at input | layer-avg tokens | prefill GFLOPs | "

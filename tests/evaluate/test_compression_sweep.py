@@ -23,7 +23,8 @@ def test_budgets_follow_the_llava_protocol():
     assert [cs.budget_fields(f, 256)["keep"] for f in BUDGETS] == [256, 128, 85, 57, 28, 14]
     f = cs.budget_fields(1 / 9, 576)  # VisionZip's 54 + 10 split of 64
     assert (f["dominant"], f["contextual"]) == (54, 10)
-    assert cs.budget_fields(1 / 4, 256)["kernel"] == 2
+    # smallest ceil-mode window leaving <= keep tokens of the 16 x 16 grid
+    assert [cs.budget_fields(f, 256)["kernel"] for f in BUDGETS] == [1, 2, 2, 3, 4, 6]
     assert cs.format_spec("fastv(layer=2, keep={keep})", 0.5, 576) == "fastv(layer=2, keep=288)"
     with pytest.raises(ValueError, match="budget=1.5"):
         cs.budget_fields(1.5, 576)
@@ -45,9 +46,9 @@ def test_plan_jobs():
         ("random", "random(keep=57)"),
     ]
     pool = [j for j in jobs if j.label == "pool"]
-    # kernel round(sqrt(256/85)) = 2 and round(sqrt(256/57)) = 2: the second is not rerun
-    assert [j.spec for j in pool] == ["avgpool(kernel=1)", "avgpool(kernel=2)", "avgpool(kernel=2)"]
-    assert pool[2].note.startswith("same spec as budget 1/3")
+    # 128 and 85 tokens both give the 2 x 2 window (64 tokens): the second is not rerun
+    assert [j.spec for j in pool] == ["avgpool(kernel=2)", "avgpool(kernel=2)", "avgpool(kernel=3)"]
+    assert pool[1].note.startswith("same spec as budget 1/2") and not pool[2].note
     mqt = [j for j in jobs if j.label == "mqt"]
     assert len(mqt) == 3 and all(j.checkpoint == "runs/mqt" and not j.note for j in mqt)
     (ap,) = [j for j in jobs if j.label == "attn_pool"]
