@@ -30,7 +30,8 @@ Method templates: ``"label: spec"`` (label optional, default the registry name).
 ``registry.COMPRESSORS`` string with ``str.format`` fields filled per budget from the fraction
 ``f`` of the ``N`` visual tokens: ``{keep}`` = ``max(1, round(f N))``, ``{frac}`` = ``f``,
 ``{dominant}`` / ``{contextual}`` (VisionZip's 54 : 10 split of ``keep``), ``{kernel}``
-(the smallest average-pooling window leaving at most ``keep`` tokens). Budget 1 is the uncompressed model (one
+(the smallest average-pooling window leaving at most ``keep`` tokens), ``{side}`` (the largest
+square ``side x side <= keep``: Fourier-VLM's low-frequency block). Budget 1 is the uncompressed model (one
 row). In-LLM methods keep ``{keep}`` image tokens after their drop layer, so their
 layer-averaged count is higher than ``keep``; the table reports both.
 
@@ -58,7 +59,7 @@ METHODS = (
     "visionzip: visionzip(dominant={dominant}, contextual={contextual})",
     "divprune: divprune(keep={keep})",
     "todre: todre(keep={keep})",
-    "fourier_vlm: fourier_vlm(keep={keep})",
+    "fourier_vlm: fourier_vlm(keep_side={side})",
     "tome: tome(keep={keep})",
     "prumerge_plus: prumerge_plus(keep={keep})",
     "dymu: dymu(threshold=0.9, capacity={keep})",

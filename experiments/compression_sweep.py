@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import gc
 import json
 import logging
 import math
@@ -75,7 +76,7 @@ def budget_fields(frac: float, n: int) -> dict[str, Any]:
     """Template fields for a budget ``frac`` of ``n`` visual tokens (see
     ``configs/compression_sweep.py``): ``keep``, ``frac``, ``dominant``, ``contextual``,
     ``kernel`` (the smallest pooling window, ceil mode, leaving at most ``keep`` tokens of a
-    square ``sqrt(n)`` grid)."""
+    square ``sqrt(n)`` grid), ``side`` (the largest square ``side x side <= keep``)."""
     if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
         raise ValueError(f"budget={frac!r}: expected a fraction in (0, 1]")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -94,6 +95,7 @@ def budget_fields(frac: float, n: int) -> dict[str, Any]:
         "dominant": keep - contextual,
         "contextual": contextual,
         "kernel": kernel,
+        "side": max(1, math.isqrt(keep)),
     }
 
 
@@ -104,7 +106,7 @@ def format_spec(template: str, frac: float, n: int) -> str:
     except (KeyError, IndexError) as e:
         raise ValueError(
             f"method template {template!r}: unknown field {e}; expected keep, frac, dominant, "
-            "contextual, kernel"
+            "contextual, kernel, side"
         ) from None
 
 
@@ -549,6 +551,10 @@ def run_sweep(
                     row["status"] = "error"
                     row["note"] = f"error: {type(e).__name__}: {e}"[:300]
                 row["wall_s"] = time.perf_counter() - t0
+                # Each model is a new graphdef: drop its compiled programs (prefill, decode,
+                # generate) before the next, or host memory grows with every run.
+                jax.clear_caches()
+                gc.collect()
             rows.append(row)
             if bar is not None:
                 bar.update(1)

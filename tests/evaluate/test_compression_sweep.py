@@ -25,6 +25,7 @@ def test_budgets_follow_the_llava_protocol():
     assert (f["dominant"], f["contextual"]) == (54, 10)
     # smallest ceil-mode window leaving <= keep tokens of the 16 x 16 grid
     assert [cs.budget_fields(f, 256)["kernel"] for f in BUDGETS] == [1, 2, 2, 3, 4, 6]
+    assert [cs.budget_fields(f, 256)["side"] for f in BUDGETS] == [16, 11, 9, 7, 5, 3]
     assert cs.format_spec("fastv(layer=2, keep={keep})", 0.5, 576) == "fastv(layer=2, keep=288)"
     with pytest.raises(ValueError, match="budget=1.5"):
         cs.budget_fields(1.5, 576)
