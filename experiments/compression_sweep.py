@@ -18,7 +18,8 @@ real cache), and the median jitted prefill / decode-step latency
 Writes to ``--workdir`` (default ``runs/<config.name>``): ``config.json``,
 ``compression_sweep.json``, ``compression_sweep.md`` (the table) and the Pareto plots
 ``pareto_flops.png`` (accuracy vs prefill GFLOPs) and ``pareto_latency.png`` (accuracy vs
-prefill ms); ``sweep.benchmark_out`` also writes ``<path>.md`` / ``<path>.json``.
+prefill ms); ``sweep.benchmark_out`` also writes ``<path>.md`` / ``<path>.json`` and the plots
+as ``<path>_pareto_*.png``.
 ``--checkpoint=''`` evaluates a randomly initialised model (a smoke test: its accuracy means
 nothing).
 """
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -51,6 +53,7 @@ __all__ = [
     "pareto_front",
     "run_sweep",
     "write_markdown",
+    "write_benchmark",
     "plot_pareto",
 ]
 
@@ -338,8 +341,13 @@ def _stderr(row: Mapping[str, Any]) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def write_markdown(path: str, result: Mapping[str, Any]) -> str:
-    """The sweep table (and its context) as markdown."""
+def write_markdown(
+    path: str,
+    result: Mapping[str, Any],
+    plots: tuple[str, str] = ("pareto_flops.png", "pareto_latency.png"),
+) -> str:
+    """The sweep table (and its context) as markdown; ``plots``: the two PNGs' paths relative
+    to the markdown file (accuracy vs FLOPs, vs latency)."""
     meta = result["meta"]
     base = result.get("baseline") or {}
     lines = [
@@ -392,8 +400,7 @@ def write_markdown(path: str, result: Mapping[str, Any]) -> str:
         "real cache: `kv_match` in the JSON); latencies are wall-clock medians for one jitted "
         "prefill of the prompt batch and one decode step after it.",
         "",
-        "![accuracy vs prefill FLOPs](pareto_flops.png) ![accuracy vs prefill latency]"
-        "(pareto_latency.png)",
+        f"![accuracy vs prefill FLOPs]({plots[0]}) ![accuracy vs prefill latency]({plots[1]})",
         "",
     ]
     text = "\n".join(lines)
@@ -611,13 +618,23 @@ def run_sweep(
         json.dump(result, f, indent=2, default=_json_default)
     out = str(sweep.get("benchmark_out", "") or "")
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        write_markdown(out + ".md", result)
-        with open(out + ".json", "w") as f:
-            json.dump(result, f, indent=2, default=_json_default)
-        paths.update(benchmark_markdown=out + ".md", benchmark_json=out + ".json")
+        paths.update(write_benchmark(out, result, paths["pareto_flops"], paths["pareto_latency"]))
     result["paths"] = paths
     return result
+
+
+def write_benchmark(out: str, result: Mapping[str, Any], flops_png: str, latency_png: str) -> dict:
+    """``<out>.md``, ``<out>.json`` and the plots as ``<out>_pareto_flops.png`` /
+    ``<out>_pareto_latency.png`` (e.g. ``out = "benchmarks/compression_sweep_shapes"``)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    pngs = (out + "_pareto_flops.png", out + "_pareto_latency.png")
+    for src, dst in zip((flops_png, latency_png), pngs, strict=True):
+        shutil.copyfile(src, dst)
+    write_markdown(out + ".md", result, plots=tuple(os.path.basename(p) for p in pngs))
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=2, default=_json_default)
+    return {"benchmark_markdown": out + ".md", "benchmark_json": out + ".json",
+            "benchmark_pngs": pngs}
 
 
 def _init_model(mcfg: Any, seed: int):

@@ -94,7 +94,7 @@ def test_sweep_end_to_end(tmp_path):
         "train.batch_size": 8, "eval.batch_size": 8,
         "sweep.budgets": (1.0, 0.5, 0.25), "sweep.only": "random,uniform",
         "sweep.eval_examples": 8, "sweep.latency_batch": 8, "sweep.latency_warmup": 1,
-        "sweep.latency_repeats": 1,
+        "sweep.latency_repeats": 1, "sweep.benchmark_out": str(tmp_path / "bench" / "sweep"),
     }
     cfg = load_config(CONFIG, "quick", overrides)
     out = str(tmp_path / "out")
@@ -124,3 +124,7 @@ def test_sweep_end_to_end(tmp_path):
     assert np.isfinite(data["rows"][1]["prefill_gflops"])
     md = open(os.path.join(out, "compression_sweep.md")).read()
     assert "| random | 1/2 | `random(keep=32)` | 32.0 |" in md
+    bench = tmp_path / "bench"
+    assert sorted(os.listdir(bench)) == ["sweep.json", "sweep.md", "sweep_pareto_flops.png",
+                                         "sweep_pareto_latency.png"]
+    assert "(sweep_pareto_flops.png)" in (bench / "sweep.md").read_text()
