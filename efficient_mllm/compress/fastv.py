@@ -24,14 +24,11 @@ import dataclasses
 from efficient_mllm import registry
 from efficient_mllm.compress import core
 from efficient_mllm.compress.in_llm import (
+    image_attention_scores,
     DropCompressor,
     DropStage,
     check_layer,
     check_query,
-    current_types,
-    image_rows,
-    probe_layer,
-    query_rows,
     select_top,
 )
 
@@ -53,10 +50,7 @@ class FastV(DropCompressor):
         return (DropStage(self.layer, k),)
 
     def plan(self, ctx, s, stage, n_image, hidden, state) -> dict:
-        types = current_types(ctx, state)
-        img, img_ok = image_rows(types, n_image)
-        q, q_ok = query_rows(ctx, state, types, self.query, n_image)
-        scores = probe_layer(ctx, stage.layer - 1, hidden, state, q, q_ok, img).mean
+        scores, img, img_ok = image_attention_scores(ctx, stage, n_image, hidden, state, self.query)
         rows, ok, _ = select_top(scores, stage.keep, img_ok, img)
         return {"keep_rows": rows, "keep_valid": ok}
 

@@ -48,6 +48,7 @@ from efficient_mllm.compress.probe import ProbeResult, block_probe
 from efficient_mllm.ops import masks as masks_lib
 
 __all__ = [
+    "image_attention_scores",
     "DropCompressor",
     "DropStage",
     "InLLMContext",
@@ -373,3 +374,14 @@ def select_top(
         ok = ok & (jnp.arange(k)[None, :] < count[:, None])
         idx, ok = core.sort_slots(idx, ok)
     return jnp.take_along_axis(rows, idx, axis=1), ok, idx
+
+
+def image_attention_scores(ctx: InLLMContext, stage, n_image: int, hidden, state, query):
+    """Head-averaged attention of the ``query`` rows (as in :func:`query_rows`) of block
+    ``stage.layer - 1`` to the current image tokens -> ``(scores [B, n], image_rows, valid)``:
+    the scorer FastV and ZipVL share."""
+    types = current_types(ctx, state)
+    img, img_ok = image_rows(types, n_image)
+    q, q_ok = query_rows(ctx, state, types, query, n_image)
+    scores = probe_layer(ctx, stage.layer - 1, hidden, state, q, q_ok, img).mean
+    return scores, img, img_ok
