@@ -409,8 +409,8 @@ def test_bad_inputs():
             {"impl": "cudnn"},
             "impl='cudnn' cannot run this call: cuDNN attention needs an NVIDIA GPU",
         ),
-        ({"impl": "pallas"}, "Pallas attention kernels are not built yet"),
-        ({"impl": "interpret"}, "not built yet"),
+        ({"impl": "pallas"}, "impl='pallas' needs a GPU or TPU backend"),
+        ({"impl": "interpret", "bias": jnp.zeros((1, 1, 5, 6))}, "take no additive bias"),
         ({"return_lse": 1}, "return_lse must be a bool"),
     ]
     for kw, msg in cases:

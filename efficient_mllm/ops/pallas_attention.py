@@ -1,0 +1,127 @@
+"""``impl="pallas"`` and ``impl="interpret"`` for :func:`efficient_mllm.ops.attention.dot_product_attention`.
+
+``pallas`` runs the block-sparse flash-attention kernel of the current backend
+(``pallas_kernels/flash_attention/gpu.py`` on GPUs, ``tpu.py`` on TPUs); ``interpret`` runs the
+GPU-style kernel in the Pallas interpreter (any backend, for tests). The mask spec becomes a block
+map plus an in-tile predicate (:mod:`efficient_mllm.ops.kernel_masks`). ``impl="auto"`` tries
+cuDNN first and takes this path for masks cuDNN cannot express (segment ids, prefix-LM,
+modality-mutual, frame-block causal, block-sparse, q offsets, softcap, lse).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from efficient_mllm.ops import kernel_masks
+from efficient_mllm.ops import masks as M
+from efficient_mllm.ops.attention import _Request, register_impl
+
+# Tile sizes per backend (GPU: Triton tiles; TPU: Mosaic needs multiples of 128 on the lanes).
+GPU_BLOCKS = (64, 64)
+TPU_BLOCKS = (128, 128)
+_MAX_HEAD_DIM = 256
+
+
+def _backend_for(impl: str) -> str:
+    return "interpret" if impl == "interpret" else jax.default_backend()
+
+
+def _blocks(spec, backend: str) -> tuple[int, int]:
+    bq, bk = TPU_BLOCKS if backend == "tpu" else GPU_BLOCKS
+    if spec is not None:
+        for leaf in spec.leaves():
+            if isinstance(leaf, M.BlockSparse):  # kernel tiles must divide the sparse blocks
+                bq = math.gcd(bq, leaf.block_q)
+                bk = math.gcd(bk, leaf.block_k)
+    return bq, bk
+
+
+def _structure_reason(spec) -> str | None:
+    """Why a spec has no kernel form (None when it has one)."""
+    if spec is None:
+        return None
+    if isinstance(spec, (M.And, M.Or)):
+        for s in spec.specs:
+            if isinstance(s, M.BlockSparse) and isinstance(spec, M.Or):
+                return "a block-sparse mask under '|' has no kernel form"
+            r = _structure_reason(s)
+            if r:
+                return r
+        return None
+    if isinstance(spec, M.Not):
+        if isinstance(spec.spec, M.BlockSparse):
+            return "a negated block-sparse mask has no kernel form"
+        return _structure_reason(spec.spec)
+    if isinstance(spec, M.ArrayMask):
+        return "a dense boolean mask array has no kernel form (pass an ops.masks spec)"
+    if isinstance(spec, M.BlockSparse) or type(spec) in kernel_masks._LEAVES:
+        return None
+    return f"mask leaf {type(spec).__name__} has no kernel form"
+
+
+def _supports(r: _Request, impl: str) -> str | None:
+    backend = _backend_for(impl)
+    if backend not in ("gpu", "tpu", "interpret"):
+        return f"impl='pallas' needs a GPU or TPU backend, this is {backend!r} (use impl='interpret')"
+    if r.bias is not None:
+        return "the Pallas attention kernels take no additive bias array"
+    dts = {r.q.dtype, r.k.dtype, r.v.dtype}
+    if not dts <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}:
+        return f"the Pallas attention kernels take float32/bfloat16/float16 inputs, got {sorted(map(str, dts))}"
+    if max(r.q.shape[3], r.v.shape[3]) > _MAX_HEAD_DIM:
+        return f"head dim {max(r.q.shape[3], r.v.shape[3])} > {_MAX_HEAD_DIM}"
+    if backend == "gpu" and "nvidia" not in str(jax.devices()[0].device_kind).lower():
+        return "the GPU kernel uses the Triton lowering for NVIDIA GPUs"
+    if r.softcap is not None and not isinstance(r.softcap, (int, float)):
+        return "softcap must be a Python number for the kernels (it is a static parameter)"
+    if r.scale is not None and not isinstance(r.scale, (int, float)):
+        return "scale must be a Python number for the kernels (it is a static parameter)"
+    reason = _structure_reason(r.mask)
+    if reason:
+        return reason
+    if r.mask is not None:
+        bq, bk = _blocks(r.mask, backend)
+        for leaf in r.mask.leaves():
+            if isinstance(leaf, M.BlockSparse):
+                off = r.q_offset
+                if not (off is None or (M._is_int(off) and off % leaf.block_q == 0)):
+                    return "block-sparse masks need a static q_offset that is a multiple of block_q"
+        if backend == "tpu" and (bq % 128 or bk % 128):
+            return f"block-sparse blocks ({bq}, {bk}) are not multiples of 128 (TPU tiles)"
+    return None
+
+
+def _run(r: _Request, impl: str):
+    backend = _backend_for(impl)
+    b, tq = r.q.shape[:2]
+    tk = r.k.shape[1]
+    bq, bk = _blocks(r.mask, backend)
+    km = kernel_masks.kernel_mask(r.mask, b, tq, tk, bq, bk, r.q_offset)
+    kw = dict(
+        block_map=km.block_map,
+        mask_fn=km.mask_fn,
+        row_features=km.row_features,
+        col_features=km.col_features,
+        scale=None if r.scale is None else float(r.scale),
+        softcap=None if r.softcap is None else float(r.softcap),
+        block_q=bq,
+        block_k=bk,
+    )
+    if backend == "tpu":
+        from pallas_kernels.flash_attention import tpu
+
+        out, lse = tpu.flash_attention(r.q, r.k, r.v, **kw)
+    else:
+        from pallas_kernels.flash_attention import gpu
+
+        out, lse = gpu.flash_attention(r.q, r.k, r.v, interpret=backend == "interpret", **kw)
+    return out, (lse if r.return_lse else None)
+
+
+register_impl("pallas", lambda r: _run(r, "pallas"), lambda r: _supports(r, "pallas"))
+register_impl(
+    "interpret", lambda r: _run(r, "interpret"), lambda r: _supports(r, "interpret"), auto=False
+)

@@ -1,0 +1,130 @@
+"""What every attention kernel in this package shares: the block plan and the in-kernel mask.
+
+**Block plan.** A mask is described at tile granularity by a block map ``int8 [B|1, N|1, nq, nk]``
+with ``EMPTY=0`` (skip the tile), ``PARTIAL=1`` (evaluate the mask inside the tile) and ``FULL=2``
+(every in-range pair attends: no mask work). :func:`make_block_plan` turns it into per-query-block
+lists of the key blocks to visit (ascending, non-empty first) and the transposed lists (per key
+block, the query blocks that see it) used by the dK/dV backward pass. An arbitrary block-sparse
+layout (MInference / SeerAttention style) is just a block map.
+
+**In-kernel mask.** Inside PARTIAL tiles the kernel evaluates ``mask_fn(rows, cols) -> bool
+[bq, bk]`` where ``rows`` is a tuple of int32 ``[bq, 1]`` per-query-row features and ``cols`` a
+tuple of int32 ``[1, bk]`` per-key features, loaded from ``row_features int32 [B|1, Fr, Tq]`` and
+``col_features int32 [B|1, Fc, Tk]``. Any mask that is a pointwise function of per-row and
+per-column integers fits (causal, windows, segment ids, padding, prefix-LM, modality-mutual,
+frame-block causal, ...); the caller gathers whatever the predicate needs (absolute positions,
+segment ids, token types) into the feature arrays once, outside the kernel. ``mask_fn`` must be
+hashable (it is a static argument) and use only elementwise jnp ops. ``mask_fn=None`` means the
+block map alone is the mask (PARTIAL tiles are then treated as FULL except for the sequence-end
+bound, which kernels always apply).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+MaskFn = Callable[[tuple, tuple], jax.Array]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockPlan(NamedTuple):
+    """Visiting order for a block map ``[Bm, Nm, nq, nk]`` (``Bm``, ``Nm`` are 1 or full size).
+
+    * ``kv_index int32 [Bm, Nm, nq, nk]``: per query block, its PARTIAL key blocks first, then
+      its FULL ones, each group in ascending order; the tail repeats the last visited index (so
+      prefetching it is harmless).
+    * ``kv_count int32 [Bm, Nm, nq]``: how many leading entries are real.
+    * ``kv_partial int32 [Bm, Nm, nq]``: how many leading entries are PARTIAL (so a kernel can
+      run one masked loop and one unmasked loop without a per-tile branch).
+    * ``kv_full int32 [Bm, Nm, nq, nk]``: 1 where the visited tile is FULL (no mask evaluation).
+    * ``q_index``, ``q_count``, ``q_partial``, ``q_full``: the transpose (per key block, the
+      query blocks that see it), used by the dK/dV pass.
+    """
+
+    kv_index: jax.Array
+    kv_count: jax.Array
+    kv_full: jax.Array
+    q_index: jax.Array
+    q_count: jax.Array
+    q_full: jax.Array
+    kv_partial: jax.Array
+    q_partial: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.kv_index.shape)  # type: ignore[return-value]
+
+    def density(self) -> jax.Array:
+        """Fraction of tiles visited."""
+        bm, nm, nq, nk = self.kv_index.shape
+        return jnp.sum(self.kv_count) / (bm * nm * nq * nk)
+
+
+def _lists(bm: jax.Array):
+    """Compacts the last axis of a block map: (index, count, full, partial) as in BlockPlan."""
+    n = bm.shape[-1]
+    # Stable sort: PARTIAL tiles, then FULL tiles, then EMPTY ones, each in ascending order.
+    rank = jnp.where(bm == PARTIAL, 0, jnp.where(bm == FULL, 1, 2))
+    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+    count = jnp.sum(bm != EMPTY, axis=-1, dtype=jnp.int32)
+    partial = jnp.sum(bm == PARTIAL, axis=-1, dtype=jnp.int32)
+    pos = jnp.arange(n, dtype=jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    index = jnp.where(pos < count[..., None], order, last)
+    full = jnp.take_along_axis(bm, index, axis=-1) == FULL
+    return index, count, full.astype(jnp.int32), partial
+
+
+def make_block_plan(block_map: jax.Array) -> BlockPlan:
+    """The :class:`BlockPlan` of an int8 block map of rank 4 (``[Bm, Nm, nq, nk]``)."""
+    if block_map.ndim != 4:
+        raise ValueError(
+            f"block_map must have rank 4 [B|1, N|1, nq, nk], got shape {tuple(block_map.shape)}"
+        )
+    block_map = block_map.astype(jnp.int32)
+    kv_index, kv_count, kv_full, kv_partial = _lists(block_map)
+    q_index, q_count, q_full, q_partial = _lists(jnp.swapaxes(block_map, -1, -2))
+    return BlockPlan(kv_index, kv_count, kv_full, q_index, q_count, q_full, kv_partial, q_partial)
+
+
+def dense_block_map(q_len: int, kv_len: int, block_q: int, block_k: int) -> jax.Array:
+    """All tiles FULL: ``int8 [1, 1, nq, nk]``."""
+    return jnp.full((1, 1, cdiv(q_len, block_q), cdiv(kv_len, block_k)), FULL, jnp.int8)
+
+
+def check_features(name: str, x: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """Validates a feature array ``int32 [B|1, F, length]`` (None -> zero features)."""
+    if x is None:
+        return jnp.zeros((1, 0, length), jnp.int32)
+    if x.ndim != 3 or x.shape[0] not in (1, batch) or x.shape[2] != length:
+        raise ValueError(
+            f"{name} must be int32 [1 or batch={batch}, features, {length}], got shape "
+            f"{tuple(x.shape)}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
+    return x.astype(jnp.int32)
+
+
+def check_plan(plan: BlockPlan, batch: int, heads: int, nq: int, nk: int) -> None:
+    bm, nm, pq, pk = plan.kv_index.shape
+    if bm not in (1, batch) or nm not in (1, heads) or (pq, pk) != (nq, nk):
+        raise ValueError(
+            f"block plan of shape {(bm, nm, pq, pk)} does not match [1 or batch={batch}, 1 or "
+            f"heads={heads}, nq={nq}, nk={nk}] for these block sizes"
+        )
+
+
+def split_features(rows: jax.Array, cols: jax.Array) -> tuple[tuple, tuple]:
+    """Tile-local feature arrays ``[Fr, bq]``, ``[Fc, bk]`` -> the tuples ``mask_fn`` takes."""
+    r = tuple(rows[i][:, None] for i in range(rows.shape[0]))
+    c = tuple(cols[i][None, :] for i in range(cols.shape[0]))
+    return r, c
