@@ -69,18 +69,30 @@ class BlockPlan(NamedTuple):
 
 
 def _lists(bm: jax.Array):
-    """Compacts the last axis of a block map: (index, count, full, partial) as in BlockPlan."""
+    """Compacts the last axis of a block map: (index, count, full, partial) as in BlockPlan.
+
+    Written with cumulative sums and one scatter rather than a sort: inside ``jit`` a block map
+    built from static shapes is a constant, and XLA's constant folding of a sort over it can take
+    minutes at long sequence lengths.
+    """
     n = bm.shape[-1]
-    # Stable sort: PARTIAL tiles, then FULL tiles, then EMPTY ones, each in ascending order.
-    rank = jnp.where(bm == PARTIAL, 0, jnp.where(bm == FULL, 1, 2))
-    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
-    count = jnp.sum(bm != EMPTY, axis=-1, dtype=jnp.int32)
-    partial = jnp.sum(bm == PARTIAL, axis=-1, dtype=jnp.int32)
+    lead = bm.shape[:-1]
+    flat = bm.reshape(-1, n)
+    is_p, is_f = flat == PARTIAL, flat == FULL
+    npart = jnp.sum(is_p, axis=-1, dtype=jnp.int32)
+    count = npart + jnp.sum(is_f, axis=-1, dtype=jnp.int32)
+    slot_p = jnp.cumsum(is_p, axis=-1, dtype=jnp.int32) - 1
+    slot_f = npart[:, None] + jnp.cumsum(is_f, axis=-1, dtype=jnp.int32) - 1
+    slot = jnp.where(is_p, slot_p, jnp.where(is_f, slot_f, n))  # EMPTY tiles go to a spare slot
+    rows = jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None]
+    cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape)
+    index = jnp.zeros((flat.shape[0], n + 1), jnp.int32).at[rows, slot].set(cols)[:, :n]
     pos = jnp.arange(n, dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    index = jnp.where(pos < count[..., None], order, last)
-    full = jnp.take_along_axis(bm, index, axis=-1) == FULL
-    return index, count, full.astype(jnp.int32), partial
+    last = jnp.take_along_axis(index, jnp.maximum(count - 1, 0)[:, None], axis=-1)
+    index = jnp.where(pos < count[:, None], index, last)
+    full = (jnp.take_along_axis(flat, index, axis=-1) == FULL).astype(jnp.int32)
+    shape = lead + (n,)
+    return index.reshape(shape), count.reshape(lead), full.reshape(shape), npart.reshape(lead)
 
 
 def make_block_plan(block_map: jax.Array) -> BlockPlan:
@@ -93,6 +105,34 @@ def make_block_plan(block_map: jax.Array) -> BlockPlan:
     kv_index, kv_count, kv_full, kv_partial = _lists(block_map)
     q_index, q_count, q_full, q_partial = _lists(jnp.swapaxes(block_map, -1, -2))
     return BlockPlan(kv_index, kv_count, kv_full, q_index, q_count, q_full, kv_partial, q_partial)
+
+
+def resample_block_map(bm: jax.Array, src: tuple[int, int], dst: tuple[int, int]) -> jax.Array:
+    """A block map of ``src`` tiles re-expressed for ``dst`` tiles (powers of two).
+
+    Finer tiles inherit their parent's class (conservative: a PARTIAL parent's children are all
+    PARTIAL); coarser tiles are FULL / EMPTY only when all their children are, else PARTIAL.
+    The result has ``ceil`` rows / columns for the covered length (padding tiles are EMPTY).
+    """
+    out = bm.astype(jnp.int32)
+    for axis, s, d in ((2, src[0], dst[0]), (3, src[1], dst[1])):
+        if d < s:
+            out = jnp.repeat(out, s // d, axis=axis)
+        elif d > s:
+            r = d // s
+            n = out.shape[axis]
+            pad = cdiv(n, r) * r - n
+            if pad:
+                widths = [(0, 0)] * 4
+                widths[axis] = (0, pad)
+                out = jnp.pad(out, widths, constant_values=-1)  # -1: outside, "don't care"
+            shp = out.shape[:axis] + (cdiv(n, r), r) + out.shape[axis + 1 :]
+            g = out.reshape(shp)
+            real = g >= 0
+            allf = jnp.all((g == FULL) | ~real, axis=axis + 1)
+            alle = jnp.all((g == EMPTY) | ~real, axis=axis + 1)
+            out = jnp.where(allf, FULL, jnp.where(alle, EMPTY, PARTIAL))
+    return out.astype(jnp.int8)
 
 
 def dense_block_map(q_len: int, kv_len: int, block_q: int, block_k: int) -> jax.Array:

@@ -107,6 +107,7 @@ def attention_probe(
     scale: float | None = None,
     softcap: float | None = None,
     per_head: bool = False,
+    impl: str = "xla",
 ) -> ProbeResult:
     """Softmax attention of chosen query rows over all keys, restricted to chosen key columns.
 
@@ -125,9 +126,17 @@ def attention_probe(
       causal: apply ``key <= query``; scale: logit scale (default ``1/sqrt(H)``); softcap:
         ``softcap * tanh(logits / softcap)``.
       per_head: return per-head weights ``[B, Nq, Q, K]`` instead of the head mean.
+      impl: ``"xla"`` (this code), ``"pallas"`` (the two-pass kernel of
+        ``pallas_kernels.attention_probe`` for the backend) or ``"interpret"`` (its GPU version
+        in interpret mode, CPU). The kernels take no ``mask``; ``key_index`` is a gather after them.
 
     Returns a :class:`ProbeResult`. A query row with no visible key gets zero weights.
     """
+    if impl != "xla":
+        return _kernel_probe(
+            q, k, q_index=q_index, q_valid=q_valid, kv_valid=kv_valid, key_index=key_index,
+            mask=mask, causal=causal, scale=scale, softcap=softcap, per_head=per_head, impl=impl,
+        )  # fmt: skip
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"q shape={tuple(q.shape)}, k shape={tuple(k.shape)}: expected [B, Q, Nq, H] and "
@@ -176,6 +185,38 @@ def attention_probe(
         return ProbeResult(probs, probs.sum(axis=2), num_queries)
     weights = probs.mean(axis=1)
     return ProbeResult(weights, weights.sum(axis=1), num_queries)
+
+
+def _kernel_probe(q, k, *, q_index, q_valid, kv_valid, key_index, mask, impl, **kw) -> ProbeResult:
+    """``attention_probe`` through the Pallas kernels (``impl="pallas" | "interpret"``)."""
+    if impl not in ("pallas", "interpret"):
+        raise ValueError(f"impl={impl!r}: expected 'xla', 'pallas' or 'interpret'")
+    if mask is not None:
+        raise ValueError(
+            f"impl={impl!r} takes no mask (got {type(mask).__name__}): use impl='xla', or the "
+            "kernel's mask_fn/row_features/col_features directly"
+        )
+    from pallas_kernels.attention_probe import attention_probe as kernel
+
+    dtype = jnp.promote_types(q.dtype, k.dtype)  # the kernels take one input dtype
+    q, k = q.astype(dtype), k.astype(dtype)
+    if impl == "interpret":
+        kw.update(backend="gpu", interpret=True)
+    weights, colsum = kernel(q, k, q_index=q_index, q_valid=q_valid, kv_valid=kv_valid, **kw)
+    b, nrows = q.shape[0], q.shape[1]
+    if key_index is not None:
+        key_index = _check_int("key_index", key_index, (b, jnp.shape(key_index)[-1]))
+
+        def cols(x):  # x [B, ..., T] at key_index [B, K] -> [B, ..., K]
+            idx = key_index.reshape((b,) + (1,) * (x.ndim - 2) + key_index.shape[1:])
+            return jnp.take_along_axis(x, jnp.broadcast_to(idx, x.shape[:-1] + idx.shape[-1:]), -1)
+
+        weights, colsum = cols(weights), cols(colsum)
+    if q_valid is None:
+        num_queries = jnp.full((b,), nrows, jnp.int32)
+    else:
+        num_queries = jnp.sum(jnp.asarray(q_valid, bool), axis=1).astype(jnp.int32)
+    return ProbeResult(weights, colsum, num_queries)
 
 
 def block_probe(

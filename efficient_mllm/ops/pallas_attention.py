@@ -5,7 +5,9 @@
 GPU-style kernel in the Pallas interpreter (any backend, for tests). The mask spec becomes a block
 map plus an in-tile predicate (:mod:`efficient_mllm.ops.kernel_masks`). ``impl="auto"`` tries
 cuDNN first and takes this path for masks cuDNN cannot express (segment ids, prefix-LM,
-modality-mutual, frame-block causal, block-sparse, q offsets, softcap, lse).
+modality-mutual, frame-block causal, block-sparse, q offsets, softcap, lse). A single decode
+step (``Tq == 1``, ``causal() & padding(kv_lengths)``, a ``q_offset``) goes to the
+flash-decoding kernel (:mod:`efficient_mllm.ops.decode_attention`).
 """
 
 from __future__ import annotations
@@ -94,10 +96,44 @@ def _supports(r: _Request, impl: str) -> str | None:
     return None
 
 
+def _decode_lengths(r: _Request):
+    """Per-row cache lengths when the call is one decode step (``Tq == 1`` under
+    ``causal() & padding(kv_lengths)`` with a ``q_offset``): the flash-decoding kernel then
+    computes exactly the same thing (keys ``j < min(kv_length, q_offset + 1)``). Else None."""
+    if r.q.shape[1] != 1 or r.q_offset is None or r.mask is None:
+        return None
+    leaves = r.mask.leaves()
+    if len(leaves) != 2 or not isinstance(r.mask, M.And):
+        return None
+    causal = [x for x in leaves if isinstance(x, M.Causal)]
+    pad = [x for x in leaves if isinstance(x, M.Padding) and x.q_lengths is None]
+    if len(causal) != 1 or len(pad) != 1:
+        return None
+    h, hv = r.q.shape[3], r.v.shape[3]
+    if any(x < 16 or x & (x - 1) for x in (h, hv)):  # the GPU decode kernel's tiles
+        return None
+    b = r.q.shape[0]
+    return jnp.broadcast_to(jnp.minimum(pad[0].kv_lengths, r.offsets + 1), (b,)).astype(jnp.int32)
+
+
 def _run(r: _Request, impl: str):
     backend = _backend_for(impl)
     b, tq = r.q.shape[:2]
     tk = r.k.shape[1]
+    lengths = _decode_lengths(r)
+    if lengths is not None:
+        from efficient_mllm.ops.decode_attention import decode_attention
+
+        out, lse = decode_attention(
+            r.q,
+            r.k,
+            r.v,
+            lengths,
+            scale=None if r.scale is None else float(r.scale),
+            softcap=None if r.softcap is None else float(r.softcap),
+            impl="interpret" if backend == "interpret" else "pallas",
+        )
+        return out, (lse if r.return_lse else None)
     bq, bk = _blocks(r.mask, backend)
     km = kernel_masks.kernel_mask(r.mask, b, tq, tk, bq, bk, r.q_offset)
     kw = dict(

@@ -56,6 +56,20 @@ class _Cfg:
     num_warps: int
     num_stages: int
     interpret: bool
+    block_q_bwd: int
+    block_k_bwd: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+
+    def backward(self) -> _Cfg:
+        """The configuration the dQ and dK/dV kernels run with."""
+        return dataclasses.replace(
+            self,
+            block_q=self.block_q_bwd,
+            block_k=self.block_k_bwd,
+            num_warps=self.num_warps_bwd,
+            num_stages=self.num_stages_bwd,
+        )
 
 
 def _next_pow2(n: int) -> int:
@@ -313,6 +327,7 @@ def _dkv_kernel(*refs, cfg: _Cfg, group: int, pb_on: bool, ph_on: bool, nfr: int
 
 
 def _backward(q, k, v, out, lse, do, dlse, plan, rowf, colf, cfg: _Cfg):
+    cfg = cfg.backward()
     b, tq, nq, d = q.shape
     tk, nkv, dv_ = k.shape[1], k.shape[2], v.shape[3]
     group = nq // nkv
@@ -375,21 +390,21 @@ def _backward(q, k, v, out, lse, do, dlse, plan, rowf, colf, cfg: _Cfg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, plan, rowf, colf):
+def _flash(cfg, q, k, v, plan, plan_bwd, rowf, colf):
     return _forward(q, k, v, plan, rowf, colf, cfg)
 
 
-def _flash_fwd(cfg, q, k, v, plan, rowf, colf):
+def _flash_fwd(cfg, q, k, v, plan, plan_bwd, rowf, colf):
     out, lse = _forward(q, k, v, plan, rowf, colf, cfg)
-    return (out, lse), (q, k, v, out, lse, plan, rowf, colf)
+    return (out, lse), (q, k, v, out, lse, plan_bwd, rowf, colf)
 
 
 def _flash_bwd(cfg, res, cts):
-    q, k, v, out, lse, plan, rowf, colf = res
+    q, k, v, out, lse, plan_bwd, rowf, colf = res
     do, dlse = cts
     dlse = None if isinstance(dlse, jax.custom_derivatives.SymbolicZero) else dlse
-    dq, dk, dv = _backward(q, k, v, out, lse, do, dlse, plan, rowf, colf, cfg)
-    none = jax.tree.map(lambda _: None, (plan, rowf, colf))
+    dq, dk, dv = _backward(q, k, v, out, lse, do, dlse, plan_bwd, rowf, colf, cfg)
+    none = jax.tree.map(lambda _: None, (plan_bwd, plan_bwd, rowf, colf))
     return (dq, dk, dv, *none)
 
 
@@ -410,6 +425,20 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, pad)
 
 
+def _plan(block_map, tq, tk, tqp, tkp, bq, bk) -> common.BlockPlan:
+    """Plan for one tile size: the ragged last key block gets the in-tile bound (PARTIAL), and
+    the map is padded with EMPTY tiles to the padded grid."""
+    nqb, nkb = common.cdiv(tq, bq), common.cdiv(tk, bk)
+    bm = block_map[:, :, :nqb, :nkb].astype(jnp.int8)
+    if tk % bk:
+        last = bm[..., -1:]
+        bm = jnp.concatenate(
+            [bm[..., :-1], jnp.where(last == common.FULL, common.PARTIAL, last)], axis=-1
+        )
+    pad = ((0, 0), (0, 0), (0, tqp // bq - nqb), (0, tkp // bk - nkb))
+    return common.make_block_plan(jnp.pad(bm, pad, constant_values=common.EMPTY))
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -421,10 +450,14 @@ def flash_attention(
     col_features: jax.Array | None = None,
     scale: float | None = None,
     softcap: float | None = None,
-    block_q: int = 64,
+    block_q: int = 128,
     block_k: int = 64,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int = 3,
+    block_q_bwd: int = 64,
+    block_k_bwd: int = 64,
+    num_warps_bwd: int = 4,
+    num_stages_bwd: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Flash attention over the tiles of ``block_map``; returns ``(out, lse)``.
@@ -436,7 +469,10 @@ def flash_attention(
       mask_fn, row_features, col_features: the in-tile predicate of PARTIAL tiles and its int32
         features ``[B|1, Fr, Tq]`` / ``[B|1, Fc, Tk]`` (see ``pallas_kernels.common``).
       scale: logit scale (default ``1/sqrt(H)``); softcap: ``c * tanh(s / c)`` on the logits.
-      block_q, block_k: tile sizes (powers of two >= 16); num_warps, num_stages: Triton knobs.
+      block_q, block_k: forward tile sizes (powers of two >= 16); num_warps, num_stages: Triton
+        knobs (defaults measured best on an H100, see benchmarks/BENCHMARKS.md);
+        ``*_bwd``: the same for the dQ and dK/dV kernels, which get their own block map
+        (``common.resample_block_map``: finer tiles inherit their parent's class).
       interpret: run the kernels with the Pallas interpreter (CPU tests).
 
     Returns ``out [B, Tq, Nq, Hv]`` in ``q.dtype`` and ``lse float32 [B, Nq, Tq]`` (natural
@@ -458,6 +494,8 @@ def flash_attention(
     if nq % nkv:
         raise ValueError(f"q heads ({nq}) must be a multiple of kv heads ({nkv})")
     block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    block_q_bwd = _check_block("block_q_bwd", block_q_bwd)
+    block_k_bwd = _check_block("block_k_bwd", block_k_bwd)
     if mask_fn is not None:
         try:
             hash(mask_fn)
@@ -491,15 +529,14 @@ def flash_attention(
     bm_b = block_map.shape[0]
     rowf = jnp.broadcast_to(rowf, (bm_b,) + rowf.shape[1:])
     colf = jnp.broadcast_to(colf, (bm_b,) + colf.shape[1:])
-    if tk % block_k:  # the ragged last key block always needs the in-tile bound
-        last = block_map[..., -1:]
-        block_map = jnp.concatenate(
-            [block_map[..., :-1], jnp.where(last == common.FULL, common.PARTIAL, last)], axis=-1
-        )
-    plan = common.make_block_plan(block_map)
+    # Pad lengths to a multiple of every tile used (fwd and bwd; powers of two, so the max).
+    tqp = common.cdiv(tq, max(block_q, block_q_bwd)) * max(block_q, block_q_bwd)
+    tkp = common.cdiv(tk, max(block_k, block_k_bwd)) * max(block_k, block_k_bwd)
+    plan = _plan(block_map, tq, tk, tqp, tkp, block_q, block_k)
+    bm_bwd = common.resample_block_map(block_map, (block_q, block_k), (block_q_bwd, block_k_bwd))
+    plan_bwd = _plan(bm_bwd, tq, tk, tqp, tkp, block_q_bwd, block_k_bwd)
 
     dp, dvp = _next_pow2(max(d, 16)), _next_pow2(max(v.shape[3], 16))
-    tqp, tkp = nqb * block_q, nkb * block_k
     qp = _pad_axis(_pad_axis(q, 3, dp), 1, tqp)
     kp = _pad_axis(_pad_axis(k, 3, dp), 1, tkp)
     vp = _pad_axis(_pad_axis(v, 3, dvp), 1, tkp)
@@ -518,6 +555,10 @@ def flash_attention(
         num_warps=int(num_warps),
         num_stages=int(num_stages),
         interpret=bool(interpret),
+        block_q_bwd=block_q_bwd,
+        block_k_bwd=block_k_bwd,
+        num_warps_bwd=int(num_warps_bwd),
+        num_stages_bwd=int(num_stages_bwd),
     )
-    out, lse = _flash(cfg, qp, kp, vp, plan, rowf, colf)
+    out, lse = _flash(cfg, qp, kp, vp, plan, plan_bwd, rowf, colf)
     return out[:, :tq, :, : v.shape[3]], lse[:, :, :tq]

@@ -236,3 +236,19 @@ def _causal_kernel_kwargs(t, bq, bk):
         block_q=bq,
         block_k=bk,
     )
+
+
+def test_decode_step_routes_to_decode_kernel_and_matches():
+    # One decode step against a cache: impl="interpret" takes the flash-decoding kernel.
+    q, k, v = _qkv(9, 3, 1, 150, 8, 2, 32)
+    lengths = jnp.asarray([150, 77, 1])
+    off = lengths - 1
+    mask = M.causal() & M.padding(lengths)
+    from efficient_mllm.ops import pallas_attention as P
+
+    r = A._validate(q, k, v, mask, None, None, None, off, "interpret", True)
+    assert P._decode_lengths(r).tolist() == [150, 77, 1]
+    o1, l1 = A.dot_product_attention(q, k, v, mask=mask, q_offset=off, impl="interpret", return_lse=True)
+    o2, l2 = A.dot_product_attention(q, k, v, mask=mask, q_offset=off, impl="xla", return_lse=True)
+    np.testing.assert_allclose(o1, o2, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(l1, l2, atol=2e-5, rtol=2e-5)
