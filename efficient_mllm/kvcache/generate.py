@@ -84,13 +84,21 @@ def _is_mllm(model: Any) -> bool:
     return isinstance(model, MLLM)
 
 
+def _is_placeholder_mllm(model: Any) -> bool:
+    """Models whose prompts hold one image token per image feature (Qwen2-VL, InternVL)."""
+    from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM
+
+    return isinstance(model, PlaceholderMLLM)
+
+
 def _check_model(model: Any) -> None:
     from efficient_mllm.nn.language import LanguageModel
     from efficient_mllm.nn.mllm import MLLM
 
-    if not isinstance(model, (MLLM, LanguageModel)):
+    if not isinstance(model, (MLLM, LanguageModel)) and not _is_placeholder_mllm(model):
         raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout the package)
-            f"model must be an MLLM or a LanguageModel, got {type(model).__name__}"
+            f"model must be an MLLM, a PlaceholderMLLM or a LanguageModel, got "
+            f"{type(model).__name__}"
         )
 
 
@@ -124,7 +132,7 @@ def _generate_jit(
     pad_id,
 ):
     model = nnx.merge(graphdef, state)
-    mllm = _is_mllm(model)
+    mllm = _is_mllm(model) or _is_placeholder_mllm(model)
     batch = tokens.shape[0]
     cache = KVCache.init(model.cfg, batch=batch, capacity=capacity)
     if mllm:
@@ -185,7 +193,9 @@ def generate(
     """Generates up to ``max_new_tokens`` per row after the prompt ``tokens [B, T]``.
 
     Args:
-      model: an ``MLLM`` (``images [B, H, W, C]`` optional) or a ``LanguageModel`` (text only).
+      model: an ``MLLM`` (``images [B, H, W, C]`` optional), a ``PlaceholderMLLM`` (Qwen2-VL,
+        InternVL: ``images`` in the model's format, prompts hold one image token per feature)
+        or a ``LanguageModel`` (text only).
       tokens: int32 ``[B, T]`` prompts, right-padded; multimodal rows hold one image placeholder.
       lengths: int32 ``[B]`` valid prompt tokens per row (default: ``T`` for every row).
       max_new_tokens: static number of decode steps at most.
@@ -223,6 +233,9 @@ def generate(
     if _is_mllm(model):
         model._check_tokens(tokens, images, lengths)  # placeholders / image shape, eagerly
         prompt_len = model.spliced_length(tokens.shape, None if images is None else images.shape)
+    elif _is_placeholder_mllm(model):
+        model.check_inputs(tokens, images, lengths)  # image-token count, eagerly
+        prompt_len = model.prompt_length(tokens.shape, images)
     else:
         if images is not None:
             raise ValueError("images were given but model is a text-only LanguageModel")

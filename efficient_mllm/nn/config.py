@@ -243,6 +243,15 @@ class VisionConfig(DictMixin):
     learned absolute positions or 2D RoPE, ``depth`` pre-LN blocks, final LayerNorm.
 
     ``image_size`` is an int or ``(height, width)``; both must be multiples of ``patch_size``.
+
+    Options for pretrained encoders (defaults keep the plain ViT): ``patch_bias`` (CLIP's patch
+    convolution has none); ``pre_norm``: a LayerNorm on the embeddings before the blocks (CLIP's
+    ``pre_layrnorm``); ``feature_layer``: which hidden state the encoder returns, indexed like
+    Hugging Face ``hidden_states`` (0 = embeddings, ``k`` = after block ``k``, negative from the
+    end; -1 = after the last block; LLaVA-1.5 uses -2), blocks after it are not run;
+    ``final_norm``: ``"all"`` applies the final LayerNorm to every returned token, ``"cls"``
+    only to the CLS output (CLIP: its ``post_layernorm`` only makes the pooled output),
+    ``"none"`` to nothing (the hidden states LLaVA reads from a SigLIP tower).
     """
 
     image_size: Any
@@ -259,6 +268,10 @@ class VisionConfig(DictMixin):
     qkv_bias: bool = True
     attention: str = "softmax"
     norm_eps: float = 1e-6
+    patch_bias: bool = True
+    pre_norm: bool = False
+    feature_layer: int = -1
+    final_norm: str = "all"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -291,6 +304,20 @@ class VisionConfig(DictMixin):
         _choice(c, "mlp_activation", self.mlp_activation, ACTIVATIONS)
         if not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
             raise ValueError(f"{c}.norm_eps={self.norm_eps!r}: expected a positive number")
+        fl = self.feature_layer
+        if (
+            isinstance(fl, bool)
+            or not isinstance(fl, (int, np.integer))
+            or not -(self.depth + 1) <= fl <= self.depth
+        ):
+            raise ValueError(
+                f"{c}.feature_layer={fl!r}: expected an int in [-{self.depth + 1}, {self.depth}] "
+                f"(a hidden-state index of a depth-{self.depth} encoder)"
+            )
+        _set(self, "feature_layer", int(fl))
+        _choice(c, "final_norm", self.final_norm, ("all", "cls", "none"))
+        if self.final_norm == "cls" and not self.use_cls:
+            raise ValueError(f"{c}.final_norm='cls' needs use_cls=True")
         _set(self, "dtype", as_dtype(self.dtype).name)
         _set(self, "param_dtype", as_dtype(self.param_dtype).name)
         self.block_config()  # validates the block fields (theta, attention spec)
@@ -308,6 +335,11 @@ class VisionConfig(DictMixin):
     def num_tokens(self) -> int:
         """Sequence length inside the encoder (patches plus CLS)."""
         return self.num_patches + int(self.use_cls)
+
+    @property
+    def num_layers_run(self) -> int:
+        """Blocks the encoder runs: ``feature_layer`` as a count from the embeddings."""
+        return self.feature_layer % (self.depth + 1)
 
     @property
     def compute_dtype(self):

@@ -60,6 +60,8 @@ class LanguageConfig(DictMixin):
     ``rope_scaling`` is a Hugging Face ``rope_scaling`` dict (stored as sorted items).
     ``attention`` is a ``registry.ATTENTION`` spec string. ``dtype`` is the compute dtype,
     ``param_dtype`` the storage dtype of the parameters (names: float32, bfloat16, float16).
+    ``out_bias`` / ``mlp_bias``: biases on the attention output and the MLP projections (HF
+    Llama's ``attention_bias`` sets q/k/v and out biases, ``mlp_bias`` the MLP's).
     """
 
     vocab_size: int
@@ -74,6 +76,8 @@ class LanguageConfig(DictMixin):
     rope_type: str = "rope"
     mrope_sections: tuple[int, int, int] | None = None
     qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     attention: str = "softmax"
@@ -110,7 +114,7 @@ class LanguageConfig(DictMixin):
                     f"LanguageConfig.mrope_sections={self.mrope_sections!r}: expected (t, h, w)"
                 )
             object.__setattr__(self, "mrope_sections", tuple(int(s) for s in self.mrope_sections))
-        for name in ("qkv_bias", "tie_embeddings"):
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(  # noqa: TRY004
                     f"LanguageConfig.{name}={getattr(self, name)!r}: expected a bool"
@@ -129,14 +133,15 @@ class LanguageConfig(DictMixin):
         object.__setattr__(self, "norm_eps", block.norm_eps)
 
     def block_config(self) -> BlockConfig:
-        """The config of every decoder block (RMSNorm, SwiGLU, no biases except ``qkv_bias``)."""
+        """The config of every decoder block (RMSNorm, SwiGLU; biases as ``qkv_bias``,
+        ``out_bias``, ``mlp_bias``)."""
         return BlockConfig(
             dim=self.width,
             num_heads=self.heads,
             num_kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             qkv_bias=self.qkv_bias,
-            out_bias=False,
+            out_bias=self.out_bias,
             rope=self.rope_type,
             rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
@@ -147,7 +152,7 @@ class LanguageConfig(DictMixin):
             param_dtype=self.param_dtype,
             mlp_dim=self.mlp_dim,
             mlp="swiglu",
-            mlp_bias=False,
+            mlp_bias=self.mlp_bias,
             norm="rmsnorm",
             norm_eps=self.norm_eps,
         )

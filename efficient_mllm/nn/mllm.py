@@ -85,6 +85,9 @@ class MLLMConfig(DictMixin):
       ``s >= 1`` merges each ``s x s`` patch neighbourhood into the channels first (``s*s``
       fewer tokens; the patch grid must be divisible by ``s``).
     * ``image_token_id``: the placeholder id in ``tokens`` (required with ``vision``).
+    * ``feature_select``: ``"default"`` (image tokens are the patches) or ``"full"`` (the ViT's
+      CLS token first, then the patches: LLaVA's ``vision_feature_select_strategy``; needs a
+      CLS token, 1D RoPE, ``pixel_shuffle=1`` and no compressor).
     * ``compressor``: ``registry.COMPRESSORS`` spec string (``"visionzip(dominant=54, ...)"``,
       ``"fastv(layer=2, keep=64)"``), or a tuple of specs with at most one per stage (a
       ``pre_llm`` one applied to the projected image tokens before the LLM and an ``in_llm`` one
@@ -98,6 +101,7 @@ class MLLMConfig(DictMixin):
     pixel_shuffle: int = 1
     image_token_id: int | None = None
     compressor: str | tuple[str, ...] | None = None
+    feature_select: str = "default"
 
     def __post_init__(self):
         lang = self.language
@@ -143,6 +147,23 @@ class MLLMConfig(DictMixin):
                 )
         if self.image_token_id is not None:
             object.__setattr__(self, "image_token_id", int(self.image_token_id))
+        if self.feature_select not in ("default", "full"):
+            raise ValueError(
+                f"MLLMConfig.feature_select={self.feature_select!r}: expected 'default' or 'full'"
+            )
+        if self.feature_select == "full" and (
+            vis is None
+            or not vis.use_cls
+            or s != 1
+            or self.compressor is not None
+            or lang.rope_type != "rope"
+        ):
+            raise ValueError(
+                "MLLMConfig.feature_select='full' needs a vision encoder with a CLS token, "
+                f"pixel_shuffle=1, no compressor and rope_type='rope' (got vision="
+                f"{None if vis is None else 'use_cls=' + str(vis.use_cls)}, pixel_shuffle={s}, "
+                f"compressor={self.compressor!r}, rope_type={lang.rope_type!r})"
+            )
         if self.compressor is not None:
             if vis is None:
                 raise ValueError(
@@ -208,7 +229,8 @@ class Projector(nnx.Module):
         self.fc2 = Linear(out_dim, out_dim, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
-        x = pixel_shuffle(x, grid, self.factor)
+        if self.factor > 1:
+            x = pixel_shuffle(x, grid, self.factor)
         return self.fc2(activation("gelu")(self.fc1(x)))
 
 
@@ -402,7 +424,10 @@ class MLLM(nnx.Module):
         if self.compressor is not None and _accepts(self.compressor, "layer_cls_attention"):
             layers = getattr(self.compressor, "cls_attention_layers", None)
         vis = self.vision(
-            images, return_cls_attention=want_cls_attn, cls_attention_layers=layers
+            images,
+            return_cls_attention=want_cls_attn,
+            cls_attention_layers=layers,
+            keep_cls=cfg.feature_select == "full",
         )
         grid = cfg.grid
         s = cfg.pixel_shuffle
@@ -471,7 +496,7 @@ class MLLM(nnx.Module):
             return 0
         gh, gw = self.cfg.grid
         if self.compressor is None:
-            return gh * gw
+            return gh * gw + int(self.cfg.feature_select == "full")
         shape = (
             tuple(image_shape)
             if image_shape

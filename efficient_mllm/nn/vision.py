@@ -74,8 +74,9 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 class VisionEncoder(nnx.Module):
     """ViT: params ``patch`` (Linear ``[patch, vision_embed]`` with bias), ``cls [D]``
     (``use_cls``), ``pos_embedding [num_tokens, D]`` (``pos_embedding="learned"``; both
-    normal(0.02) at init), ``blocks``
-    (pre-LN, LayerNorm + GELU MLP, non-causal attention) and ``norm`` (final LayerNorm)."""
+    normal(0.02) at init), ``pre_norm`` (LayerNorm, when ``cfg.pre_norm``), ``blocks``
+    (pre-LN, LayerNorm + GELU MLP, non-causal attention) and ``norm`` (final LayerNorm).
+    The *last* block in ``cls_attention`` is the last one run (``cfg.feature_layer``)."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, VisionConfig):
@@ -87,7 +88,7 @@ class VisionEncoder(nnx.Module):
             p * p * cfg.channels,
             d,
             axes=("patch", "vision_embed"),
-            use_bias=True,
+            use_bias=cfg.patch_bias,
             dtype=dtype,
             param_dtype=pdtype,
             rngs=rngs,
@@ -102,11 +103,16 @@ class VisionEncoder(nnx.Module):
             if cfg.pos_embedding == "learned"
             else None
         )
+        norm_kw = {
+            "eps": cfg.norm_eps,
+            "axis": "vision_embed",
+            "dtype": dtype,
+            "param_dtype": pdtype,
+        }
+        self.pre_norm = LayerNorm(d, **norm_kw) if cfg.pre_norm else None
         block_cfg = cfg.block_config()
         self.blocks = nnx.List([TransformerBlock(block_cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.norm = LayerNorm(
-            d, eps=cfg.norm_eps, axis="vision_embed", dtype=dtype, param_dtype=pdtype
-        )
+        self.norm = LayerNorm(d, **norm_kw)
 
     def embed(self, images: jax.Array):
         """Token embeddings before the blocks: ``(x [B, T, D], positions, grid)`` where
@@ -140,6 +146,8 @@ class VisionEncoder(nnx.Module):
             x = x + self.pos_embedding[...].astype(x.dtype)
         else:
             positions = rope_ops.rope_2d_positions(grid, batch=b, prefix=int(cfg.use_cls))
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         return x, positions, grid
 
     def __call__(
@@ -148,8 +156,12 @@ class VisionEncoder(nnx.Module):
         *,
         return_cls_attention: bool = False,
         cls_attention_layers: tuple[int, ...] | None = None,
+        keep_cls: bool = False,
     ) -> VisionOutput:
         """``images [B, H, W, C]`` (normalised float) -> :class:`VisionOutput`.
+
+        ``keep_cls``: ``patches`` holds the CLS token first (``[B, 1 + Np, D]``, normalised like
+        the patches; LLaVA's ``vision_feature_select_strategy="full"``).
 
         ``cls_attention_layers``: block indices (negative from the end) whose probe rows fill
         ``layer_cls_attention``; None (default) computes none."""
@@ -171,8 +183,16 @@ class VisionEncoder(nnx.Module):
         n_cls = int(cfg.use_cls)
         probe = None
         rows = {}
-        last = depth - 1
-        for i, block in enumerate(self.blocks):
+        run = cfg.num_layers_run  # blocks after ``feature_layer`` are not run
+        last = run - 1
+        if any(i >= run for i in layers) or (return_cls_attention and run == 0):
+            raise ValueError(
+                f"cls_attention_layers={cls_attention_layers!r} / return_cls_attention="
+                f"{return_cls_attention}: probed blocks must come before feature_layer="
+                f"{cfg.feature_layer} ({run} blocks run)"
+            )
+        for i in range(run):
+            block = self.blocks[i]
             if (return_cls_attention and i == last) or i in layers:
                 row = block.attention_row(
                     x, positions=positions, query_index=0 if n_cls else "mean"
@@ -181,10 +201,11 @@ class VisionEncoder(nnx.Module):
                 if return_cls_attention and i == last:
                     probe = row
             x, _ = block(x, positions=positions)
-        x = self.norm(x)
+        normed = x if cfg.final_norm == "none" else self.norm(x)
+        patches = normed if cfg.final_norm == "all" else x
         return VisionOutput(
-            patches=x[:, n_cls:],
-            cls=x[:, 0] if n_cls else None,
+            patches=patches if keep_cls else patches[:, n_cls:],
+            cls=normed[:, 0] if n_cls else None,
             cls_attention=probe,
             grid=grid,
             layer_cls_attention=jnp.stack([rows[i] for i in layers], axis=1) if layers else None,

@@ -40,6 +40,7 @@ __all__ = [
     "apply_rope",
     "apply_rope_2d",
     "apply_rotary",
+    "mrope_grid_positions",
     "mrope_positions",
     "rope_2d_positions",
     "rope_attention_factor",
@@ -331,6 +332,79 @@ def mrope_positions(token_types, grid: tuple[int, int], *, lengths=None):
         valid = jnp.arange(t)[None, :] < lengths[:, None]
     next_position = jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1
     return positions, next_position.astype(jnp.int32)
+
+
+def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval: int = 1):
+    """3D M-RoPE position ids for sequences holding images of different grids (Qwen2-VL's
+    ``get_rope_index`` for images).
+
+    ``image_mask`` bool ``[B, T]``: the image tokens; ``grids``: static ``((t, h, w), ...)`` of
+    each image *in LLM tokens* (after the spatial merge), one per image, consumed in order over
+    the image tokens of row 0, then row 1, ... (tokens past ``lengths`` are not image tokens).
+    Image ``i`` is ``t * h * w`` consecutive tokens in raster order over (frame, row, col). A text
+    token gets ``t = h = w = p`` (``p`` its running position); an image starting at running
+    position ``s`` gives its token ``(f, r, c)`` the ids ``(s + f * time_interval, s + r, s + c)``
+    and the next token continues at ``s + max(h, w)``. Differences from ``get_rope_index``: two
+    images with no text token between them are still two images here (Hugging Face's grouping of
+    ``mm_token_type_ids`` would merge them; its processors always separate images by
+    vision start/end tokens).
+
+    Returns ``(positions int32 [3, B, T], next_position int32 [B])`` (one past the largest id
+    among the first ``lengths`` tokens). Traceable under jit (``grids`` is static); eagerly, a
+    number of image tokens different from ``sum(t * h * w)`` raises ``ValueError``.
+    """
+    image_mask = jnp.asarray(image_mask)
+    if image_mask.ndim != 2:
+        raise ValueError(f"image_mask shape={tuple(image_mask.shape)}: expected [B, T]")
+    grids = tuple(tuple(int(g) for g in grid) for grid in grids)
+    if any(len(g) != 3 or min(g) <= 0 for g in grids):
+        raise ValueError(f"grids={grids!r}: expected a sequence of (t, h, w) positive ints")
+    if isinstance(time_interval, bool) or not isinstance(time_interval, (int, np.integer)):
+        raise ValueError(f"time_interval={time_interval!r}: expected an int")
+    b, t = image_mask.shape
+    valid = jnp.ones((b, t), bool)
+    if lengths is not None:
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths shape={tuple(lengths.shape)}: expected [B] = ({b},)")
+        valid = jnp.arange(t)[None, :] < lengths[:, None]
+    is_img = image_mask.astype(bool) & valid
+    total = sum(gt * gh * gw for gt, gh, gw in grids)
+    if _is_concrete(is_img):
+        count = int(np.asarray(is_img).sum())
+        if count != total:
+            raise ValueError(
+                f"image_mask has {count} image tokens among the valid ones: expected "
+                f"sum(t * h * w) = {total} for grids={grids}"
+            )
+    if total == 0:
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        nxt = jnp.max(jnp.where(valid, pos, -1), axis=1) + 1
+        return jnp.broadcast_to(pos[None], (3, b, t)), nxt.astype(jnp.int32)
+    # Static tables over the global image-token index: frame, row, col, and the running-position
+    # increment the token contributes (max(h, w) on an image's last token, else 0).
+    tabs = []
+    for gt, gh, gw in grids:
+        f, r, c = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+        step = np.zeros(gt * gh * gw, np.int64)
+        step[-1] = max(gh, gw)
+        tabs.append(np.stack([f.reshape(-1) * time_interval, r.reshape(-1), c.reshape(-1), step]))
+    table = jnp.asarray(np.concatenate(tabs, axis=1).astype(np.int32))  # [4, total]
+    flat = is_img.reshape(-1).astype(jnp.int32)
+    index = (jnp.cumsum(flat) - flat).reshape(b, t)  # global image-token index (exclusive)
+    fr, row, col, step = table[:, jnp.clip(index, 0, total - 1)]
+    contrib = jnp.where(is_img, step, 1)
+    start = jnp.cumsum(contrib, axis=1, dtype=jnp.int32) - contrib
+    zero = jnp.zeros_like(start)
+    positions = jnp.stack(
+        [
+            start + jnp.where(is_img, fr, zero),
+            start + jnp.where(is_img, row, zero),
+            start + jnp.where(is_img, col, zero),
+        ]
+    ).astype(jnp.int32)
+    nxt = jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1
+    return positions, nxt.astype(jnp.int32)
 
 
 def _is_concrete(x) -> bool:

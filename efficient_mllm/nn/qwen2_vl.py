@@ -1,0 +1,132 @@
+"""Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT + patch merger + Qwen2 decoder with M-RoPE.
+
+Inputs follow the Hugging Face processor: ``tokens [B, T]`` in which every image already
+occupies ``t * h * w / merge^2`` ``image_token_id`` tokens, and :class:`QwenVLImages` holding the
+flattened patches of all images ``[N, C*T*P*P]`` with their static ``grid_thw``. Image tokens get
+3D M-RoPE ids (``ops.rope.mrope_grid_positions``, Hugging Face's ``get_rope_index`` for images),
+text tokens the running 1D id on all three axes. Images only: video inputs (``video_token_id``,
+``tokens_per_second`` temporal ids) are not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_mllm.nn.config import DictMixin
+from efficient_mllm.nn.language import LanguageConfig, LanguageModel
+from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM
+from efficient_mllm.nn.qwen2_vl_vision import (
+    QwenVisionConfig,
+    QwenVisionTransformer,
+    check_grid_thw,
+)
+from efficient_mllm.ops import rope as rope_ops
+
+__all__ = ["QwenVLConfig", "QwenVLImages", "QwenVLModel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLImages:
+    """All images of a batch: ``pixel_values [N, C*T*P*P]`` float (packed patches, processor
+    order) and ``grid_thw`` (static tuple of ``(t, h, w)`` per image, in patches). A pytree whose
+    grid is static metadata, so it passes through ``jax.jit``."""
+
+    pixel_values: jax.Array
+    grid_thw: tuple[tuple[int, int, int], ...]
+
+    def __post_init__(self):
+        grid = check_grid_thw(self.grid_thw, 1)
+        object.__setattr__(self, "grid_thw", grid)
+
+
+jax.tree_util.register_dataclass(
+    QwenVLImages, data_fields=["pixel_values"], meta_fields=["grid_thw"]
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QwenVLConfig(DictMixin):
+    """``language``: a ``LanguageConfig`` with ``rope_type="mrope"``; ``vision``: a
+    ``QwenVisionConfig`` whose ``out_dim`` is the language width; ``image_token_id``."""
+
+    language: Any
+    vision: Any
+    image_token_id: int
+
+    def __post_init__(self):
+        lang = self.language
+        if isinstance(lang, Mapping):
+            lang = LanguageConfig.from_dict(lang)
+        vis = self.vision
+        if isinstance(vis, Mapping):
+            vis = QwenVisionConfig.from_dict(vis)
+        if not isinstance(lang, LanguageConfig) or lang.rope_type != "mrope":
+            raise ValueError(
+                f"QwenVLConfig.language={self.language!r}: expected a LanguageConfig with "
+                "rope_type='mrope'"
+            )
+        if not isinstance(vis, QwenVisionConfig) or vis.out_dim != lang.width:
+            raise ValueError(
+                f"QwenVLConfig.vision={self.vision!r}: expected a QwenVisionConfig with out_dim "
+                f"= language width {lang.width}"
+            )
+        tid = self.image_token_id
+        if isinstance(tid, bool) or not isinstance(tid, (int, np.integer)) or tid < 0:
+            raise ValueError(f"QwenVLConfig.image_token_id={tid!r}: expected a non-negative int")
+        object.__setattr__(self, "language", lang)
+        object.__setattr__(self, "vision", vis)
+        object.__setattr__(self, "image_token_id", int(tid))
+
+
+class QwenVLModel(PlaceholderMLLM):
+    """Params: ``visual`` (:class:`QwenVisionTransformer`), ``language`` (``LanguageModel``)."""
+
+    def __init__(self, cfg: QwenVLConfig, *, rngs: nnx.Rngs):
+        if isinstance(cfg, Mapping):
+            cfg = QwenVLConfig.from_dict(cfg)
+        if not isinstance(cfg, QwenVLConfig):
+            raise ValueError(f"cfg={cfg!r}: expected a QwenVLConfig")  # noqa: TRY004
+        self.cfg = cfg
+        self.visual = QwenVisionTransformer(cfg.vision, rngs=rngs)
+        self.language = LanguageModel(cfg.language, rngs=rngs)
+
+    def _check_images(self, images) -> QwenVLImages:
+        if not isinstance(images, QwenVLImages):
+            raise ValueError(
+                f"images={type(images).__name__}: expected QwenVLImages(pixel_values, grid_thw)"
+            )
+        return images
+
+    def image_features(self, images: QwenVLImages) -> jax.Array:
+        """Merged image tokens ``[K, D]`` of all images, in order."""
+        images = self._check_images(images)
+        return self.visual(images.pixel_values, images.grid_thw).merged
+
+    def num_image_features(self, images: QwenVLImages) -> int:
+        return self.visual.num_tokens(self._check_images(images).grid_thw)
+
+    def llm_grids(self, images: QwenVLImages | None) -> tuple[tuple[int, int, int], ...]:
+        """Per-image ``(t, h / merge, w / merge)``: each image's grid of LLM tokens."""
+        if images is None:
+            return ()
+        m = self.cfg.vision.spatial_merge_size
+        grid = check_grid_thw(self._check_images(images).grid_thw, m)
+        return tuple((t, h // m, w // m) for t, h, w in grid)
+
+    def positions(self, tokens, images, lengths, start):
+        image_mask = (tokens == self.cfg.image_token_id) & (
+            jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        )
+        pos, _ = rope_ops.mrope_grid_positions(
+            image_mask, self.llm_grids(images), lengths=lengths
+        )
+        if start is not None:
+            pos = pos + jnp.asarray(start, jnp.int32)[None, :, None]
+        return pos
