@@ -22,9 +22,24 @@ COMMAND:
     python -m experiments.compression_sweep --config configs/compression_sweep.py:quick \
         --checkpoint runs/sweep_shapes_base --workdir runs/compression_sweep_quick
 
+    # the whole study in one command per dataset (GPU): trains the baseline and the learned
+    # models with one recipe, sweeps everything, writes benchmarks/compression_sweep_<ds>.*
+    python -m experiments.compression_study --config configs/compression_sweep.py:study \
+        --workdir runs/study_shapes --benchmark_out benchmarks/compression_sweep_shapes
+    python -m experiments.compression_study --config configs/compression_sweep.py:study,digit_grid \
+        --workdir runs/study_digits --benchmark_out benchmarks/compression_sweep_digits
+    bash experiments/gpu_compression_study.sh shapes   # the same on the GPU machine (+ wheels)
+
 Arguments (comma-separated): ``train`` (the training config; it omits the ``sweep`` block),
 ``digit_grid`` (dataset ``digit_grid_vqa`` instead of ``shapes_vqa``), ``quick`` (reduced sweep:
-budgets 1, 1/2, 2/9, 1/18, 200 examples, no learned methods).
+budgets 1, 1/2, 2/9, 1/18, 200 examples, no learned methods), ``study`` (the GPU study of
+``experiments/compression_study.py``: an 8-layer, 128-wide decoder and a 64-wide ViT, 1500 steps
+of batch 64, in-LLM methods dropping after layer 2 of 8 (FastV's K = 2; SparseVLM keeps
+``keep`` at layer 2 and half of those at layer 5), learned methods ``attn_pool`` (one model per
+pooling window, the avgpool windows), ``mqt`` (one model, max 128 queries, evaluated at every
+budget), ``pmod`` (one model per budget, ``ratio`` = the budget fraction, ``min_ratio`` 0.02);
+the ``study`` block sets processes and the time limit), ``smoke`` (the study at toy scale:
+random, fastv and mqt at budgets 1/2 and 1/4 on 64 tokens, 3 train steps; a CPU check).
 
 Method templates: ``"label: spec"`` (label optional, default the registry name). The spec is a
 ``registry.COMPRESSORS`` string with ``str.format`` fields filled per budget from the fraction
@@ -39,8 +54,9 @@ Learned compressors (``sweep.learned``) have parameters the baseline does not; e
 checkpoint trained with it (``sweep.learned_checkpoints``, same order; train one with
 ``--config.model.compressor='mqt(max_queries=64)'``), else its row says it was skipped.
 
-EXPECTED (measured on the 2-core CPU development machine, jax 0.10.2; the full table and the
-Pareto plots are in ``benchmarks/compression_sweep_shapes.md``): the ``train`` run (1200 steps
+EXPECTED (default mode, measured on the 2-core CPU development machine, jax 0.10.2; its full
+table and Pareto plots were committed as ``benchmarks/compression_sweep_shapes.md`` in fd8f284,
+which the GPU ``study`` results replace): the ``train`` run (1200 steps
 of batch 32, 37 min) reaches 66.5% exact match on 200 validation questions (colour 79%, shape
 27%, count 88%, exist 81%, relative position 71%, left-of 36%). The sweep (default methods and
 budgets, ``--config.sweep.eval_examples=200``, 24 min) keeps 91-104% of that at 1/2 to 2/9 of
@@ -50,6 +66,13 @@ FLOPs fall from 0.134 to 0.053 GFLOPs per example (the ViT, 0.045, is not compre
 3 decoder layers and the drop after layer 1, in-LLM methods cannot go below (256 + 2 keep) / 3
 layer-averaged tokens: FastV keeps 86-88% at every budget, SparseVLM 96-100%, ZipVL 94-101%.
 The standard error of each accuracy is about 3.3 points (200 questions).
+
+EXPECTED (``study``, measured on one NVIDIA H200, jax 0.11.2, ``bash
+experiments/gpu_compression_study.sh shapes`` / ``digits``): the 11 models of 1500 steps train in
+150-230 s each, 6 at a time; the sweep rows take longer than sized: two 8-minute calls measured
+81 of 96 shapes rows and one and a half measured 52 of 96 digits rows (the resume continues).
+Baselines: shapes_vqa 68.4% exact match (500 questions, s.e. 2.1 pts), digit_grid_vqa 33.4%.
+Tables: ``benchmarks/compression_sweep_{shapes,digits}.md``.
 """
 
 import ml_collections
@@ -87,15 +110,44 @@ LEARNED = (
 )
 
 
+# The study (experiments/compression_study.py, GPU): an 8-layer decoder so that dropping after
+# layer 2 (FastV's K = 2) leaves 6 of 8 layers compressed; every learned model trains with the
+# baseline's recipe. attn_pool: one model per pooling window (the avgpool windows),
+# mqt: one model for every budget (random budget in training), pmod: one model per ratio.
+STUDY_METHODS = tuple(
+    m.replace("fastv(layer=1,", "fastv(layer=2,")
+    .replace("sparsevlm(layers=(1,), keep=({keep},))",
+             "sparsevlm(layers=(2, 5), keep=({keep}, 0.5))")
+    .replace("zipvl(layer=1,", "zipvl(layer=2,")
+    for m in METHODS
+)
+STUDY_LEARNED = (
+    "attn_pool: attn_pool(pool={kernel})",
+    "mqt: mqt(max_queries=128, budget={keep})",
+    "pmod: pmod(ratio={frac:.4f}, min_ratio=0.02)",
+)
+STUDY_LEARNED_TRAIN = ("", "mqt(max_queries=128)", "")
+# smoke: 3 methods (one learned, one in-LLM), 2 budgets, a tiny model and a few steps (CPU test)
+SMOKE_METHODS = ("random: random(keep={keep})", "fastv: fastv(layer=2, keep={keep})")
+SMOKE_LEARNED = ("mqt: mqt(max_queries=32, budget={keep})",)
+SMOKE_LEARNED_TRAIN = ("mqt(max_queries=32)",)
+
+
 def _options(arg):
     opts = [a.strip() for a in (arg or "").split(",") if a.strip()]
-    known = ("train", "digit_grid", "quick")
+    known = ("train", "digit_grid", "quick", "study", "smoke")
     bad = [o for o in opts if o not in known]
     if bad:
         raise ValueError(
             f"configs/compression_sweep.py: unknown argument(s) {bad}; expected {known}"
         )
-    return set(opts)
+    opts = set(opts)
+    if "smoke" in opts:
+        opts.add("study")
+    if "quick" in opts and "study" in opts:
+        raise ValueError("configs/compression_sweep.py: 'quick' and 'study'/'smoke' exclude "
+                         "each other")
+    return opts
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -142,7 +194,63 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.eval.max_batches = 2
     c.eval.final_max_batches = 4
     c.checkpoint.every = 200
-    if "train" not in opts:
+    study, smoke = "study" in opts, "smoke" in opts
+    if study:
+        c.name = c.name.replace("sweep_", "study_") + ("_smoke" if smoke else "")
+        c.model.language.update(width=128, depth=8, heads=4, kv_heads=2, mlp_dim=256)
+        c.model.vision.update(width=64, depth=2, heads=4, mlp_dim=128)
+        c.train.steps = 1500
+        c.train.batch_size = 64
+        c.eval.every = 0
+        c.eval.batch_size = 250
+        c.eval.final = ("teacher_forced",)  # the sweep measures exact match
+        c.eval.final_max_batches = 2
+        c.checkpoint.every = 500
+        c.output.tensorboard = False
+        c.output.progress = False
+    if smoke:
+        c.data.knobs.update(num_train=64, num_validation=16)
+        if not digits:
+            c.data.knobs.update(image_size=16, max_objects=1, min_object_size=0.5,
+                                max_object_size=0.6)
+        else:
+            c.data.knobs.update(image_size=24)
+        c.model.language.update(width=32, depth=3, heads=2, kv_heads=1, mlp_dim=48)
+        c.model.vision.update(width=16, depth=1, heads=2, mlp_dim=32)
+        c.train.update(steps=3, batch_size=8, warmup_steps=0, log_every=1)
+        c.eval.batch_size = 8
+        c.eval.final = ()  # no final evaluation in training (the sweep measures)
+        c.checkpoint.every = 0
+    if "train" not in opts and study:
+        c.sweep = ml_collections.ConfigDict(
+            dict(
+                budgets=(1.0, 1 / 2, 1 / 4) if smoke else BUDGETS,
+                methods=SMOKE_METHODS if smoke else STUDY_METHODS,
+                only="",
+                learned=SMOKE_LEARNED if smoke else STUDY_LEARNED,
+                learned_train=SMOKE_LEARNED_TRAIN if smoke else STUDY_LEARNED_TRAIN,
+                learned_checkpoints=(),  # the study trains them under <workdir>/models/
+                eval_examples=16 if smoke else 500,
+                max_new_tokens=0,
+                latency_batch=1,
+                latency_warmup=1 if smoke else 2,
+                latency_repeats=2 if smoke else 20,
+                kv_capacity="fitted",
+                benchmark_out="",
+            )
+        )
+        c.study = ml_collections.ConfigDict(
+            dict(
+                # concurrent processes sharing the device (compilation is host-bound); 0 or 1:
+                # everything in this process, one after the other
+                train_parallel=0 if smoke else 6,
+                sweep_workers=0 if smoke else 6,
+                deadline_s=0.0,  # soft wall-clock limit of one invocation (0 = none)
+                sweep_reserve_s=150.0,  # no training is started later than this before it
+                finalize_reserve_s=25.0,  # sweep workers take no new job after this before it
+            )
+        )
+    elif "train" not in opts:
         quick = "quick" in opts
         c.name += "_quick" if quick else ""
         c.sweep = ml_collections.ConfigDict(

@@ -9,7 +9,9 @@
 For every (method, budget) of ``config.sweep`` the model is rebuilt with
 ``compressor=<spec>`` and given the baseline's parameters (training-free methods; a method
 whose compressor has parameters must be listed under ``sweep.learned`` with its own checkpoint,
-else its row says it was skipped), then measured on the first ``sweep.eval_examples``
+else its row says it was skipped; a learned model takes its parameters from its checkpoint and
+its inference state, e.g. MQT's budget, from the spec), put in eval mode (``model.eval()``),
+then measured on the first ``sweep.eval_examples``
 examples of ``config.eval.split``: exact-match accuracy by greedy generation, visual tokens at
 the LLM input and layer-averaged, analytic prefill FLOPs, KV-cache bytes (checked against a
 real cache), and the median jitted prefill / decode-step latency
@@ -20,6 +22,8 @@ Writes to ``--workdir`` (default ``runs/<config.name>``): ``config.json``,
 ``pareto_flops.png`` (accuracy vs prefill GFLOPs) and ``pareto_latency.png`` (accuracy vs
 prefill ms); ``sweep.benchmark_out`` also writes ``<path>.md`` / ``<path>.json`` and the plots
 as ``<path>_pareto_*.png``.
+``experiments/compression_study.py`` runs the same jobs (``plan_jobs`` / ``run_job`` /
+``finish_sweep``) in several processes after training the baseline and the learned models.
 ``--checkpoint=''`` evaluates a randomly initialised model (a smoke test: its accuracy means
 nothing).
 """
@@ -50,8 +54,14 @@ __all__ = [
     "format_spec",
     "parse_methods",
     "plan_jobs",
+    "learned_models",
+    "model_dir_name",
     "pareto_front",
     "run_sweep",
+    "SweepContext",
+    "prepare_sweep",
+    "run_job",
+    "finish_sweep",
     "write_markdown",
     "write_benchmark",
     "plot_pareto",
@@ -73,6 +83,24 @@ class Job:
     kind: str  # "baseline" | "training_free" | "learned"
     checkpoint: str = ""
     note: str = ""
+    train_spec: str = ""  # learned: the compressor spec its checkpoint was trained with
+
+    def key(self) -> str:
+        """A stable file-name-safe id of this row (method, budget, spec, checkpoint)."""
+        import hashlib
+
+        h = hashlib.sha1(repr((self.label, self.frac, self.spec, self.checkpoint)).encode())
+        return f"{_slug(self.label)}-{_slug(_frac_label(self.frac))}-{h.hexdigest()[:10]}"
+
+
+def _slug(text: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-." else "_" for c in str(text))
+    return "_".join(p for p in out.split("_") if p) or "x"
+
+
+def model_dir_name(label: str, train_spec: str) -> str:
+    """Directory name of a learned model: its label and its training spec, file-name safe."""
+    return f"{_slug(label)}-{_slug(train_spec)}"
 
 
 def budget_fields(frac: float, n: int) -> dict[str, Any]:
@@ -140,10 +168,18 @@ def parse_methods(entries: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def plan_jobs(sweep: Mapping[str, Any], n: int) -> list[Job]:
+def plan_jobs(sweep: Mapping[str, Any], n: int, *, learned_dir: str | None = None) -> list[Job]:
     """The baseline, then every training-free method at every budget < 1, then the learned
-    methods (skipped, with a note, when they have no checkpoint). A budget whose filled spec
-    equals an earlier budget's (e.g. the same pooling window) becomes a note, not a rerun."""
+    methods. A budget whose filled spec equals an earlier budget's (e.g. the same pooling
+    window) becomes a note, not a rerun.
+
+    Learned methods: ``sweep.learned_train`` (optional, one template per learned entry, ''
+    = the entry's own spec) is the spec its model is *trained* with at each budget (e.g.
+    ``mqt(max_queries=128)``: one model for every budget; ``attn_pool(pool={kernel})``: one
+    model per distinct window). Its checkpoint is ``<learned_dir>/<model_dir_name(label,
+    train spec)>`` when ``learned_dir`` is given (the study), else the entry of
+    ``sweep.learned_checkpoints`` (same order; a template is filled per budget like the specs;
+    '' or no entry: the rows are skipped with a note)."""
     budgets = [float(b) for b in sweep["budgets"]]
     for b in budgets:
         budget_fields(b, n)  # validates
@@ -157,41 +193,72 @@ def plan_jobs(sweep: Mapping[str, Any], n: int) -> list[Job]:
             f"sweep.learned_checkpoints has {len(ckpts)} entries: expected one per learned "
             f"method ({len(learned)}), '' where there is none"
         )
+    trains = list(sweep.get("learned_train", ()) or ())
+    if trains and len(trains) != len(learned):
+        raise ValueError(
+            f"sweep.learned_train has {len(trains)} entries: expected one per learned method "
+            f"({len(learned)}), '' where the method trains with its own spec"
+        )
     known = {lab for lab, _ in methods + learned}
     if only - known:
         raise ValueError(f"sweep.only={sorted(only)}: unknown labels {sorted(only - known)}; "
                          f"expected some of {sorted(known)}")
     fracs = [b for b in budgets if b < 1.0]
-    for label, template in methods:
-        if only and label not in only:
-            continue
-        if not _is_template(template):
-            jobs.append(Job(label, None, template, "training_free"))
-            continue
-        seen: dict[str, float] = {}
-        for f in fracs:
-            spec = format_spec(template, f, n)
-            if spec in seen:
-                jobs.append(Job(label, f, spec, "training_free",
-                                note=f"same spec as budget {_frac_label(seen[spec])}: not rerun"))
-                continue
-            seen[spec] = f
-            jobs.append(Job(label, f, spec, "training_free"))
-    for i, (label, template) in enumerate(learned):
-        if only and label not in only:
-            continue
-        ck = ckpts[i] if ckpts else ""
-        if not ck:
-            jobs.append(Job(label, None, template, "learned",
+
+    def expand(label: str, template: str, kind: str, ck: str = "", train: str = "") -> None:
+        if kind == "learned" and learned_dir is None and not ck:
+            jobs.append(Job(label, None, template, kind,
                             note="skipped: learned method, no checkpoint trained with it given "
                                  "(sweep.learned_checkpoints)"))
-            continue
-        if _is_template(template):
-            for f in fracs:
-                jobs.append(Job(label, f, format_spec(template, f, n), "learned", checkpoint=ck))
-        else:
-            jobs.append(Job(label, None, template, "learned", checkpoint=ck))
+            return
+        seen: dict[tuple, float] = {}
+        for f in fracs if _is_template(template) else [None]:
+            spec = template if f is None else format_spec(template, f, n)
+            tspec = spec
+            if kind == "learned":
+                tspec = train or template
+                tspec = tspec if f is None or not _is_template(tspec) else format_spec(tspec, f, n)
+                registry.parse_spec(tspec)  # validates
+            if kind == "learned" and learned_dir is not None:
+                ckf = os.path.join(learned_dir, model_dir_name(label, tspec))
+            else:
+                ckf = ck if f is None or not _is_template(ck) else format_spec(ck, f, n)
+            if (spec, ckf) in seen:
+                jobs.append(Job(label, f, spec, kind, checkpoint=ckf, train_spec=tspec,
+                                note=f"same spec as budget {_frac_label(seen[spec, ckf])}: "
+                                     "not rerun"))
+                continue
+            seen[spec, ckf] = f
+            jobs.append(Job(label, f, spec, kind, checkpoint=ckf,
+                            train_spec=tspec if kind == "learned" else ""))
+
+    from efficient_mllm import registry
+
+    for label, template in methods:
+        if not only or label in only:
+            expand(label, template, "training_free")
+    for i, (label, template) in enumerate(learned):
+        if not only or label in only:
+            train = str(trains[i]).strip() if trains else ""
+            if ": " in train:  # an optional "label: " prefix, as in sweep.learned
+                train = train.partition(": ")[2].strip()
+            expand(label, template, "learned", ckpts[i] if ckpts else "", train)
     return jobs
+
+
+def learned_models(jobs: Sequence[Job]) -> list[tuple[str, str, str]]:
+    """The distinct learned models the jobs need, in job order: ``(checkpoint, train_spec,
+    label)``; raises if one checkpoint is asked to hold two different training specs."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for j in jobs:
+        if j.kind != "learned" or not j.checkpoint or j.note.startswith("skipped"):
+            continue
+        prev = out.get(j.checkpoint)
+        if prev is not None and prev[1] != j.train_spec:
+            raise ValueError(f"checkpoint {j.checkpoint!r} is asked for two training specs: "
+                             f"{prev[1]!r} and {j.train_spec!r}")
+        out.setdefault(j.checkpoint, (j.checkpoint, j.train_spec, j.label))
+    return list(out.values())
 
 
 def _frac_label(frac: float | None) -> str:
@@ -209,7 +276,13 @@ def _to_device(tree: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
-    return jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x))), tree)
+    def move(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # e.g. a compressor's RNG
+            return jax.random.wrap_key_data(jnp.asarray(np.asarray(jax.random.key_data(x))),
+                                            impl=jax.random.key_impl(x))
+        return jnp.asarray(np.asarray(jax.device_get(x)))
+
+    return jax.tree.map(move, tree)
 
 
 def _restore(config: Any, checkpoint: str, components: Any, mcfg: Any, step: int | None):
@@ -262,7 +335,12 @@ def _build(mcfg: Any, params: Any, rest: Any | None, seed: int, *, check: bool):
 # -- measuring one model -----------------------------------------------------------------------
 
 
-def _measure(model: Any, batches: list, sweep: Mapping[str, Any], components: Any) -> dict:
+def _measure(
+    model: Any, batches: list, sweep: Mapping[str, Any], components: Any, *, latency: bool = True
+) -> tuple[dict, Any]:
+    """``(row fields, timer)``: accuracy and accounting of ``model`` on ``batches``; the
+    latency fields too when ``latency``, else ``timer(warmup, repeats) -> latency fields`` (the
+    study compiles with ``timer(1, 1)`` and times later, alone on the device)."""
     from efficient_mllm.evaluate import efficiency as eff
     from efficient_mllm.evaluate.evaluators import ExactMatch, run_evaluators
 
@@ -287,13 +365,24 @@ def _measure(model: Any, batches: list, sweep: Mapping[str, Any], components: An
     cap = None
     if mode == "fitted":  # the first lb rows of batches[0] are the first account rows
         cap = eff.fitted_capacity(acct["rows"]["tokens_per_layer"][:lb], extra=1)
-    t0 = time.perf_counter()
-    lat = eff.measure_latency(
-        model, toks[:lb], None if images is None else np.asarray(images)[:lb], plen[:lb],
-        warmup=int(sweep.get("latency_warmup", 1)), repeats=int(sweep.get("latency_repeats", 5)),
-        capacity=cap,
-    )
-    latency_s = time.perf_counter() - t0
+    images = None if images is None else np.asarray(images)[:lb]
+
+    def timer(warmup: int | None = None, repeats: int | None = None) -> dict:
+        t0 = time.perf_counter()
+        lat = eff.measure_latency(
+            model, toks[:lb], images, plen[:lb],
+            warmup=int(sweep.get("latency_warmup", 1)) if warmup is None else warmup,
+            repeats=int(sweep.get("latency_repeats", 5)) if repeats is None else repeats,
+            capacity=cap,
+        )
+        return dict(
+            latency_time_s=time.perf_counter() - t0,
+            prefill_ms=lat["prefill_ms"],
+            decode_ms_per_token=lat["decode_ms_per_token"],
+            latency_batch=lat["batch"],
+            kv_capacity=lat["kv_capacity"],
+        )
+
     row = {k: v for k, v in acct.items() if k != "rows"}
     row.update(
         accuracy=float(res["accuracy"]),
@@ -302,13 +391,11 @@ def _measure(model: Any, batches: list, sweep: Mapping[str, Any], components: An
         eval_examples=int(res.get("examples", 0)),
         eval_time_s=eval_s,
         account_time_s=account_s,
-        latency_time_s=latency_s,
-        prefill_ms=lat["prefill_ms"],
-        decode_ms_per_token=lat["decode_ms_per_token"],
-        latency_batch=lat["batch"],
-        kv_capacity=lat["kv_capacity"],
     )
-    return row
+    if latency:
+        row.update(timer())
+        return row, None
+    return row, timer
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -390,6 +477,29 @@ def write_markdown(
                 (r.get("note") or "").replace("|", "/"),
             ]) + " |"
         )
+    models = meta.get("trained_models") or []
+    if models:
+        rec = meta.get("recipe") or {}
+        lines += [
+            "",
+            "## Trained models",
+            "",
+            "Every model is trained from scratch with the same recipe ("
+            + ", ".join(f"{k} {v}" for k, v in rec.items()) + "); only the compressor differs.",
+            "",
+            "| model | compressor (training spec) | state | steps | train s | s/step | "
+            "final train loss | teacher-forced acc | note |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for m in models:
+            lines.append("| " + " | ".join([
+                m["model"], f"`{m.get('spec') or 'none'}`", m.get("state", ""),
+                str(m.get("steps") or "-"), _fmt(m.get("train_time_s"), ".0f"),
+                _fmt(m.get("step_time_s"), ".4f"), _fmt(m.get("final_train_loss"), ".4f"),
+                _fmt(m.get("tf_accuracy"), ".4f"), (m.get("note") or "").replace("|", "/"),
+            ]) + " |")
+    if meta.get("command"):
+        lines += ["", f"Command: `{meta['command']}`"]
     lines += [
         "",
         "Columns: *tokens at input* = valid visual tokens spliced into the decoder; *layer-avg "
@@ -436,7 +546,8 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, x_key: str, x_labe
     ax.set_xlabel(x_label)
     ax.set_ylabel("exact-match accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if ok:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -456,21 +567,42 @@ def _model_summary(mcfg: Any) -> str:
     )
 
 
-def run_sweep(
-    config: Any,
-    checkpoint: str | None,
-    workdir: str,
-    *,
-    step: int | None = None,
-    components: Any = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Runs the sweep described by ``config.sweep`` and writes the outputs to ``workdir``.
-    Returns the result dict (as written to ``compression_sweep.json``) with ``paths``."""
-    import jax
+@dataclasses.dataclass
+class SweepContext:
+    """What every row of a sweep shares: the components, the baseline model config, its
+    parameters (pure dicts on the default device) and the evaluation batches."""
+
+    config: Any
+    comps: Any
+    base_mcfg: Any
+    n: int
+    seed: int
+    checkpoint: str
+    step: int | None
+    params: Any
+    rest: Any
+    batches: list
+    count: int
+
+
+def base_model_config(comps: Any) -> Any:
+    """The (uncompressed) ``MLLMConfig`` of the components' model, checked for a sweep."""
     from flax import nnx
 
-    from efficient_mllm.evaluate.efficiency import relative_accuracy
+    mcfg = nnx.eval_shape(lambda: comps.model_fn(nnx.Rngs(0))).cfg
+    if mcfg.vision is None:
+        raise ValueError("config.model has no vision encoder: a compression sweep needs one")
+    if mcfg.compressor is not None:
+        raise ValueError(f"config.model.compressor={mcfg.compressor!r}: the baseline must "
+                         "be uncompressed (None)")
+    return mcfg
+
+
+def prepare_sweep(
+    config: Any, checkpoint: str | None, *, step: int | None = None, components: Any = None
+) -> SweepContext:
+    """Builds the components, restores the baseline (``checkpoint`` '' or None: random init,
+    a smoke test) and reads the first ``sweep.eval_examples`` evaluation examples."""
     from efficient_mllm.train.loop import build_components
     from efficient_mllm.train.step import split_model
 
@@ -478,19 +610,9 @@ def run_sweep(
         raise ValueError("config has no 'sweep' block: use configs/compression_sweep.py without "
                          "the 'train' argument")
     sweep = config.sweep
-    t_start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     comps = components if components is not None else build_components(config)
-    base_mcfg = nnx.eval_shape(lambda: comps.model_fn(nnx.Rngs(0))).cfg
-    if base_mcfg.vision is None:
-        raise ValueError("config.model has no vision encoder: a compression sweep needs one")
-    if base_mcfg.compressor is not None:
-        raise ValueError(f"config.model.compressor={base_mcfg.compressor!r}: the baseline must "
-                         "be uncompressed (None)")
+    base_mcfg = base_model_config(comps)
     gh, gw = base_mcfg.grid
-    n = gh * gw
     seed = int(config.get("seed", 0))
     checkpoint = checkpoint or ""
     if checkpoint:
@@ -499,8 +621,6 @@ def run_sweep(
         log.warning("no checkpoint: sweeping a randomly initialised model (accuracy meaningless)")
         _, params, rest = split_model(_init_model(base_mcfg, seed))
         params, rest = _to_device(params), _to_device(rest)
-
-    ec = config.eval
     n_eval = int(sweep.get("eval_examples", 0) or 0)
     batches = []
     count = 0
@@ -510,100 +630,119 @@ def run_sweep(
         if n_eval and count >= n_eval:
             break
     if not batches:
-        raise ValueError(f"eval split {ec.get('split', 'validation')!r} has no examples")
-    jobs = plan_jobs(sweep, n)
+        raise ValueError(f"eval split {config.eval.get('split', 'validation')!r} has no examples")
+    return SweepContext(config, comps, base_mcfg, gh * gw, seed, checkpoint, step, params, rest,
+                        batches, count)
 
-    rows: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc="sweep", unit="run", dynamic_ncols=True)
-    baseline_acc = float("nan")
-    try:
-        for job in jobs:
-            if bar is not None:
-                bar.set_postfix_str(f"{job.label} @ {_frac_label(job.frac)}")
-            row = {
-                "method": job.label,
-                "budget": job.frac,
-                "budget_label": _frac_label(job.frac),
-                "budget_tokens": None if job.frac is None else budget_fields(job.frac, n)["keep"],
-                "spec": job.spec,
-                "kind": job.kind,
-                "note": job.note,
-                "status": "skipped" if job.note else "ok",
-            }
-            if not job.note:
-                t0 = time.perf_counter()
-                try:
-                    mcfg = base_mcfg.replace(compressor=job.spec)
-                    if job.kind == "learned":
-                        p, r = _restore(config, job.checkpoint, comps, mcfg, None)
-                        model = _build(mcfg, p, r, seed, check=False)
-                    else:
-                        model = _build(mcfg, params, rest, seed, check=True)
-                    if job.kind != "baseline":
-                        in_llm = model.in_llm_compressor is not None
-                        row["stage"] = "in_llm" if in_llm else "pre_llm"
-                    row.update(_measure(model, batches, sweep, comps))
-                    if job.kind == "baseline":
-                        baseline_acc = row["accuracy"]
-                    row["pct_baseline"] = relative_accuracy(row["accuracy"], baseline_acc)
-                    row["frac_tokens_input"] = row["visual_tokens"] / n
-                    if job.frac is None:
-                        row["budget_label"] = f"fixed ({row['visual_tokens']:.0f})"
-                except Exception as e:  # one failing method must not end the sweep
-                    log.warning("%s %s failed:\n%s", job.label, job.spec, traceback.format_exc())
-                    row["status"] = "error"
-                    row["note"] = f"error: {type(e).__name__}: {e}"[:300]
-                row["wall_s"] = time.perf_counter() - t0
-                # Each model is a new graphdef: drop its compiled programs (prefill, decode,
-                # generate) before the next, or host memory grows with every run.
-                jax.clear_caches()
-                gc.collect()
-            rows.append(row)
-            if bar is not None:
-                bar.update(1)
-                if row["status"] == "ok":
-                    bar.write(f"{job.label:>14s} {row['budget_label']:>6s}: tokens "
-                              f"{row['visual_tokens']:6.1f} (layer-avg "
-                              f"{row['layer_avg_visual_tokens']:6.1f}), "
-                              f"{row['prefill_gflops']:.4f} GFLOPs, acc {row['accuracy']:.4f}")
-    finally:
-        if bar is not None:
-            bar.close()
+def device_summary() -> str:
+    import jax
 
     dev = jax.devices()[0]
+    return (f"{dev.platform} ({dev.device_kind}), jax {jax.__version__}, "
+            f"{platform.machine()} {os.cpu_count()} cpus")
+
+
+def run_job(ctx: SweepContext, job: Job, *, latency: bool = True) -> tuple[dict, Any]:
+    """``(row, timer)`` of one job: the model is rebuilt with ``compressor=job.spec`` and the
+    baseline's parameters (training-free) or its own checkpoint (learned: parameters from the
+    checkpoint, inference state such as MQT's budget from the spec), put in eval mode
+    (``model.eval()``) and measured. ``latency=False`` leaves the latency fields out and
+    returns ``timer(warmup, repeats)`` to add them later (None when the row did not run). A
+    failing method gives a row with ``status='error'`` instead of raising."""
+    n = ctx.n
+    row = {
+        "method": job.label,
+        "budget": job.frac,
+        "budget_label": _frac_label(job.frac),
+        "budget_tokens": None if job.frac is None else budget_fields(job.frac, n)["keep"],
+        "spec": job.spec,
+        "kind": job.kind,
+        "note": job.note,
+        "status": "skipped" if job.note else "ok",
+    }
+    if job.kind == "learned":
+        row["train_spec"] = job.train_spec
+        row["checkpoint"] = job.checkpoint
+    if job.note:
+        return row, None
+    timer = None
+    t0 = time.perf_counter()
+    try:
+        mcfg = ctx.base_mcfg.replace(compressor=job.spec)
+        if job.kind == "learned":
+            p, _ = _restore(ctx.config, job.checkpoint, ctx.comps, mcfg, None)
+            model = _build(mcfg, p, None, ctx.seed, check=False)  # state from the spec
+        else:
+            model = _build(mcfg, ctx.params, ctx.rest, ctx.seed, check=True)
+        model.eval()  # learned compressors: inference mode (MQT's fixed budget, no dropout)
+        if job.kind != "baseline":
+            row["stage"] = "in_llm" if model.in_llm_compressor is not None else "pre_llm"
+        fields, timer = _measure(model, ctx.batches, ctx.config.sweep, ctx.comps,
+                                 latency=latency)
+        row.update(fields)
+        row["frac_tokens_input"] = row["visual_tokens"] / n
+        if job.frac is None:
+            row["budget_label"] = f"fixed ({row['visual_tokens']:.0f})"
+    except Exception as e:  # one failing method must not end the sweep
+        log.warning("%s %s failed:\n%s", job.label, job.spec, traceback.format_exc())
+        row["status"] = "error"
+        row["note"] = f"error: {type(e).__name__}: {e}"[:300]
+        timer = None
+    row["wall_s"] = time.perf_counter() - t0
+    return row, timer
+
+
+def finish_sweep(
+    config: Any,
+    rows: list[dict],
+    workdir: str,
+    *,
+    base_mcfg: Any,
+    checkpoint: str,
+    step: int | None,
+    eval_examples: int,
+    device: str,
+    wall_time_s: float,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Relative accuracy (against the baseline row), Pareto flags, the table, the JSON and the
+    plots in ``workdir`` (and ``sweep.benchmark_out``). Returns the result with ``paths``."""
+    from efficient_mllm.evaluate.efficiency import relative_accuracy
+
+    sweep = config.sweep
+    gh, gw = base_mcfg.grid
+    base = next((r for r in rows if r["kind"] == "baseline"), None)
+    base_acc = base["accuracy"] if base and base.get("status") == "ok" else float("nan")
+    for r in rows:
+        if r["status"] == "ok":
+            r["pct_baseline"] = relative_accuracy(r["accuracy"], base_acc)
     meta = {
         "dataset": config.data.name,
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
         "step": step,
-        "num_visual_tokens": n,
+        "num_visual_tokens": gh * gw,
         "model": json.loads(json.dumps(base_mcfg.to_dict(), default=str)),
         "model_summary": _model_summary(base_mcfg),
-        "eval_split": ec.get("split", "validation"),
-        "eval_examples": count,
+        "eval_split": config.eval.get("split", "validation"),
+        "eval_examples": eval_examples,
         "latency_batch": int(sweep.get("latency_batch", 1)),
         "latency_warmup": int(sweep.get("latency_warmup", 1)),
         "latency_repeats": int(sweep.get("latency_repeats", 5)),
         "kv_capacity": str(sweep.get("kv_capacity", "fitted")),
-        "device": f"{dev.platform} ({dev.device_kind}), jax {jax.__version__}, "
-                  f"{platform.machine()} {os.cpu_count()} cpus",
+        "device": device,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "budgets": [float(b) for b in sweep.budgets],
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": wall_time_s,
     }
+    meta.update(extra_meta or {})
     ok_rows = [r for r in rows if r["status"] == "ok"]
     for key in ("prefill_gflops", "prefill_ms"):
         front = pareto_front([r[key] for r in ok_rows], [r["accuracy"] for r in ok_rows])
         for i, r in enumerate(ok_rows):
             r[f"pareto_{key}"] = i in front
-    result = {
-        "meta": meta,
-        "baseline": next((r for r in rows if r["kind"] == "baseline"), None),
-        "rows": rows,
-    }
+    result = {"meta": meta, "device": device, "baseline": base, "rows": rows}
+    os.makedirs(workdir, exist_ok=True)
     paths = {
         "json": os.path.join(workdir, f"{OUTPUT_STEM}.json"),
         "markdown": os.path.join(workdir, f"{OUTPUT_STEM}.md"),
@@ -621,6 +760,58 @@ def run_sweep(
         paths.update(write_benchmark(out, result, paths["pareto_flops"], paths["pareto_latency"]))
     result["paths"] = paths
     return result
+
+
+def run_sweep(
+    config: Any,
+    checkpoint: str | None,
+    workdir: str,
+    *,
+    step: int | None = None,
+    components: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs the sweep described by ``config.sweep`` (one job after the other, on the first
+    device) and writes the outputs to ``workdir``. Returns the result dict (as written to
+    ``compression_sweep.json``) with ``paths``."""
+    import jax
+
+    t_start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    ctx = prepare_sweep(config, checkpoint, step=step, components=components)
+    jobs = plan_jobs(config.sweep, ctx.n)
+    rows: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="sweep", unit="run", dynamic_ncols=True)
+    try:
+        for job in jobs:
+            if bar is not None:
+                bar.set_postfix_str(f"{job.label} @ {_frac_label(job.frac)}")
+            row, _ = run_job(ctx, job)
+            if not job.note:
+                # Each model is a new graphdef: drop its compiled programs (prefill, decode,
+                # generate) before the next, or host memory grows with every run.
+                jax.clear_caches()
+                gc.collect()
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+                if row["status"] == "ok":
+                    bar.write(f"{job.label:>14s} {row['budget_label']:>6s}: tokens "
+                              f"{row['visual_tokens']:6.1f} (layer-avg "
+                              f"{row['layer_avg_visual_tokens']:6.1f}), "
+                              f"{row['prefill_gflops']:.4f} GFLOPs, acc {row['accuracy']:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return finish_sweep(config, rows, workdir, base_mcfg=ctx.base_mcfg, checkpoint=ctx.checkpoint,
+                        step=step, eval_examples=ctx.count, device=device_summary(),
+                        wall_time_s=time.perf_counter() - t_start)
 
 
 def write_benchmark(out: str, result: Mapping[str, Any], flops_png: str, latency_png: str) -> dict:

@@ -6,7 +6,9 @@
 Writes ``<workdir>/`` (default ``runs/<config.name>``): ``config.json``, ``metrics.jsonl``,
 ``checkpoints/``, ``report.md``, ``loss.png``, ``accuracy.png``. Re-running with the same
 workdir resumes from the latest checkpoint (``--config.checkpoint.resume=False`` starts over in
-place only if the checkpoints are removed first).
+place only if the checkpoints are removed first). ``--config.init_from=<converted dir>`` fine-tunes
+a converted Hugging Face checkpoint and exports it to ``<workdir>/hf_export``
+(``efficient_mllm/train/finetune.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main(argv):
     if summary["report"]:
         print(f"report: {summary['report']}")
         print(f"validation: {headline(summary['final'])}")
+    if summary.get("hf_export"):
+        print(f"Hugging Face export: {summary['hf_export']}")
 
 
 if __name__ == "__main__":

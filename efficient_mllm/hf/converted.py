@@ -10,7 +10,7 @@ Layout of a converted directory::
 ``load_converted(out)`` rebuilds the config with the family (``config_from_hf`` on the stored HF
 config and dtypes), builds the model abstractly and restores the parameters straight into their
 shardings (``mesh`` + logical rules, default: first device). ``export_converted`` writes HF
-safetensors back.
+safetensors back (``export_pretrained`` does it for a model in memory, e.g. a fine-tuned one).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from efficient_mllm.hf.safetensors_io import read_hf_config
 __all__ = [
     "build_with_params",
     "convert_to_orbax",
+    "converted_config",
     "export_converted",
+    "export_pretrained",
     "load_converted",
     "save_converted",
 ]
@@ -104,6 +106,17 @@ def _read_meta(path: str) -> dict:
         return json.load(f)
 
 
+def converted_config(path: str | os.PathLike) -> tuple[Any, Any, dict, dict]:
+    """``(family, our config, HF config dict, meta dict)`` of a converted directory, without
+    reading the parameters."""
+    path = os.path.abspath(os.fspath(path))
+    meta = _read_meta(path)
+    hf_config = read_hf_config(os.path.join(path, "hf"))
+    family = get_family(meta["model_type"])
+    config = family.config_from_hf(hf_config, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
+    return family, config, hf_config, meta
+
+
 def load_converted(
     path: str | os.PathLike,
     *,
@@ -118,10 +131,7 @@ def load_converted(
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    meta = _read_meta(path)
-    hf_config = read_hf_config(os.path.join(path, "hf"))
-    family = get_family(meta["model_type"])
-    config = family.config_from_hf(hf_config, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
+    family, config, hf_config, _ = converted_config(path)
     graphdef, params, _ = abstract_model(family, config)
     shardings = _shardings(params, mesh, rules)
     pure = nnx.to_pure_dict(params)
@@ -195,11 +205,15 @@ def convert_to_orbax(
     return pre
 
 
-def export_converted(
-    path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None
+def export_pretrained(
+    pre: Pretrained,
+    out_dir: str | os.PathLike,
+    *,
+    side_dir: str | os.PathLike | None = None,
+    dtype: str | None = None,
 ) -> str:
-    """A converted directory -> HF ``config.json`` + safetensors (+ the side files)."""
-    pre = load_converted(path)
+    """``pre.model`` -> HF ``config.json`` + safetensors in ``out_dir``, plus the tokenizer /
+    processor files (``SIDE_FILES``) found in ``side_dir``; returns ``out_dir``."""
     save_pretrained(
         pre.model,
         pre.config,
@@ -208,9 +222,17 @@ def export_converted(
         original_hf_config=pre.hf_config,
         dtype=dtype,
     )
-    hf_side = os.path.join(os.fspath(path), "hf")
-    for name in SIDE_FILES:
-        src = os.path.join(hf_side, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(os.fspath(out_dir), name))
+    if side_dir is not None:
+        for name in SIDE_FILES:
+            src = os.path.join(os.fspath(side_dir), name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(os.fspath(out_dir), name))
     return os.fspath(out_dir)
+
+
+def export_converted(
+    path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None
+) -> str:
+    """A converted directory -> HF ``config.json`` + safetensors (+ the side files)."""
+    pre = load_converted(path)
+    return export_pretrained(pre, out_dir, side_dir=os.path.join(os.fspath(path), "hf"), dtype=dtype)

@@ -3,6 +3,10 @@
 Every ``configs/<name>.py`` builds on :func:`base_config`, so all runs share the same fields:
 
 - ``name``, ``seed``
+- ``init_from``: a converted Hugging Face checkpoint directory (``python -m experiments.convert``)
+  to fine-tune: its model, parameters and tokenizer replace ``model`` (except a non-empty
+  ``model.compressor``) and random init; the trained model is exported back as HF safetensors
+  (``train.finetune``). ``""`` = random init
 - ``data``: ``name`` (``registry.DATASETS``), ``data_dir`` ('' = default cache), ``knobs``
   (dataset knobs), ``seq_len`` (0 = the dataset's longest row), ``image_size`` (0 = as stored),
   ``worker_count``
@@ -41,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.seed = 0
+    c.init_from = ""
     c.data = ml_collections.ConfigDict(
         dict(name="shapes_vqa", data_dir="", knobs=ml_collections.ConfigDict(), seq_len=0,
              image_size=0, worker_count=0)

@@ -42,6 +42,8 @@ from efficient_mllm.train.step import (
 __all__ = [
     "Components",
     "build_components",
+    "build_dataset_of",
+    "data_components",
     "resolve_model_config",
     "Trainer",
     "train_and_evaluate",
@@ -71,6 +73,10 @@ class Components:
     question_types: Sequence[str] | None = None
     tokenizer: Any = None
     info: dict = dataclasses.field(default_factory=dict)
+    #: Where the parameters start from instead of ``model_fn``'s initialisation: an object with
+    #: ``params(mesh, rules) -> pure dict`` (placed on the mesh) and ``export(params, out_dir)``,
+    #: e.g. ``train.finetune.ConvertedInit`` for ``config.init_from``; None = random init.
+    init_from: Any = None
 
 
 def _cfg_dict(c: Any) -> dict:
@@ -122,16 +128,53 @@ def resolve_model_config(model_cfg: Mapping[str, Any], ds: Any) -> dict:
 
 def build_components(config: Any) -> Components:
     """Dataset (``registry.DATASETS`` via ``data.build_dataset``), grain loaders and the MLLM
-    named by ``config.data`` / ``config.model``."""
-    from efficient_mllm.data.datasets import build_dataset
-    from efficient_mllm.data.pipeline import make_loader
+    named by ``config.data`` / ``config.model``; with ``config.init_from`` set, the model,
+    parameters and tokenizer of that converted checkpoint (``train.finetune``)."""
+    if config.get("init_from"):
+        from efficient_mllm.train.finetune import converted_components
+
+        return converted_components(config)
     from efficient_mllm.nn.mllm import MLLM, MLLMConfig
 
-    dc, tc, ec = config.data, config.train, config.eval
-    knobs = _cfg_dict(dc.get("knobs"))
-    ds = build_dataset(dc.name, dc.get("data_dir") or None, **knobs)
+    dc = config.data
+    ds = build_dataset_of(config)
     seq_len = int(dc.get("seq_len", 0) or ds.max_length)
     image_size = dc.get("image_size", 0) or None
+    train_loader, eval_batches, info = data_components(
+        config, ds, ds.tokenizer, seq_len=seq_len, image_size=image_size
+    )
+    mcfg = MLLMConfig.from_dict(resolve_model_config(_cfg_dict(config.model), ds))
+
+    def model_fn(rngs: nnx.Rngs) -> nnx.Module:
+        return MLLM(mcfg, rngs=rngs)
+
+    info["vocab_size"] = ds.vocab_size
+    return Components(model_fn, train_loader, eval_batches, ds.question_types, ds.tokenizer, info)
+
+
+def build_dataset_of(config: Any) -> Any:
+    """The dataset named by ``config.data`` (``name``, ``data_dir``, ``knobs``)."""
+    from efficient_mllm.data.datasets import build_dataset
+
+    dc = config.data
+    return build_dataset(dc.name, dc.get("data_dir") or None, **_cfg_dict(dc.get("knobs")))
+
+
+def data_components(
+    config: Any,
+    ds: Any,
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    image_size: Any = None,
+    transform: Callable[[dict], dict] | None = None,
+) -> tuple[Any, Callable[[], Iterable[dict]], dict]:
+    """``(train_loader, eval_batches, info)`` of dataset ``ds`` encoded with ``tokenizer``
+    (batch sizes, seed, split and workers from ``config``); ``transform`` maps every batch
+    (train and eval) on the host, e.g. to renormalise images."""
+    from efficient_mllm.data.pipeline import make_loader
+
+    dc, tc, ec = config.data, config.train, config.eval
     nproc = jax.process_count()
     for what, b in (("train.batch_size", tc.batch_size), ("eval.batch_size", ec.batch_size)):
         if b % nproc:
@@ -143,29 +186,55 @@ def build_components(config: Any) -> Components:
         if not absl_flags.FLAGS.is_parsed():
             absl_flags.FLAGS.mark_as_parsed()
     train_loader = make_loader(
-        ds["train"], ds.tokenizer, batch_size=tc.batch_size // nproc, seq_len=seq_len,
+        ds["train"], tokenizer, batch_size=tc.batch_size // nproc, seq_len=seq_len,
         image_size=image_size, shuffle=True, seed=int(config.seed), num_epochs=None,
         worker_count=workers,
     )
+    if transform is not None:
+        train_loader = _MappedLoader(train_loader, transform)
     split = ec.get("split", "validation")
     local_eval = ec.batch_size // nproc
 
     def eval_batches():
         loader = make_loader(
-            ds[split], ds.tokenizer, batch_size=local_eval, seq_len=seq_len, image_size=image_size,
+            ds[split], tokenizer, batch_size=local_eval, seq_len=seq_len, image_size=image_size,
             shuffle=False, num_epochs=1, drop_remainder=False, worker_count=0,
         )
         for b in loader:
-            yield _pad_batch(b, local_eval)
-
-    mcfg = MLLMConfig.from_dict(resolve_model_config(_cfg_dict(config.model), ds))
-
-    def model_fn(rngs: nnx.Rngs) -> nnx.Module:
-        return MLLM(mcfg, rngs=rngs)
+            b = _pad_batch(b, local_eval)
+            yield b if transform is None else transform(b)
 
     info = {"dataset": ds.name, "train_examples": len(ds["train"]), "eval_split": split,
-            "eval_examples": len(ds[split]), "seq_len": seq_len, "vocab_size": ds.vocab_size}
-    return Components(model_fn, train_loader, eval_batches, ds.question_types, ds.tokenizer, info)
+            "eval_examples": len(ds[split]), "seq_len": seq_len,
+            "vocab_size": getattr(tokenizer, "vocab_size", None)}
+    return train_loader, eval_batches, info
+
+
+class _MappedLoader:
+    """A resumable loader whose batches go through ``fn`` (iterator state passes through)."""
+
+    def __init__(self, loader: Any, fn: Callable[[dict], dict]):
+        self.loader, self.fn = loader, fn
+
+    def __iter__(self):
+        return _MappedIterator(iter(self.loader), self.fn)
+
+
+class _MappedIterator:
+    def __init__(self, it: Any, fn: Callable[[dict], dict]):
+        self.it, self.fn = it, fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.fn(next(self.it))
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state) -> None:
+        self.it.set_state(state)
 
 
 def _is_main() -> bool:
@@ -202,14 +271,6 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(tc)
         self.compute_dtype = as_dtype(tc.get("compute_dtype", "float32"), "train.compute_dtype")
         self.microbatches = int(tc.get("microbatches", 1))
-        self.graphdef, self.state, self.shardings = init_train_state(
-            self.components.model_fn, self.tx, self.mesh, self.rules,
-            seed=int(config.seed), param_dtype=tc.get("param_dtype", "float32"),
-        )
-        self.abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
-        )
-        self.train_iter: Iterator = iter(self.components.train_loader)
         ck = config.get("checkpoint") or {}
         self.ckpt = Checkpointer(
             os.fspath(checkpoint_dir) if checkpoint_dir else os.path.join(self.workdir, "checkpoints"),
@@ -217,8 +278,22 @@ class Trainer:
             save_every=int(ck.get("every", 0)),
             async_save=bool(ck.get("async_save", False)),
         )
+        resume = bool(ck.get("resume", True)) and self.ckpt.latest_step() is not None
+        init_params = None
+        if self.components.init_from is not None and not resume:  # a resumed run has its own
+            init_params = self.components.init_from.params(self.mesh, self.rules)
+        self.graphdef, self.state, self.shardings = init_train_state(
+            self.components.model_fn, self.tx, self.mesh, self.rules,
+            seed=int(config.seed), param_dtype=tc.get("param_dtype", "float32"),
+            params=init_params,
+        )
+        del init_params
+        self.abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+        )
+        self.train_iter: Iterator = iter(self.components.train_loader)
         self.resumed_from = None
-        if ck.get("resume", True) and self.ckpt.latest_step() is not None:
+        if resume:
             self.restore()
             self.resumed_from = self.step
         out = config.get("output") or {}
@@ -464,11 +539,18 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains to ``config.train.steps`` (resuming if a checkpoint exists), saves a final
     checkpoint, runs the final evaluators and writes ``report.md``. Returns a summary dict with
-    ``final`` (metrics), ``perf``, ``report`` (path) and ``workdir``."""
+    ``final`` (metrics), ``perf``, ``report`` (path) and ``workdir``. A run started from a
+    converted checkpoint (``config.init_from``) also writes the trained model as Hugging Face
+    safetensors to ``<workdir>/hf_export`` (``hf_export``: its path, None otherwise)."""
     trainer = Trainer(config, workdir, components=components)
     trainer.run()
     trainer.save(force=True)
     trainer.ckpt.wait()
+    hf_export = None
+    if trainer.components.init_from is not None and trainer.write_outputs:
+        from efficient_mllm.train.finetune import export_hf
+
+        hf_export = export_hf(trainer, os.path.join(trainer.workdir, "hf_export"))
     final: dict[str, Any] = {}
     predictions: list = []
     if trainer.components.eval_batches is not None:
@@ -484,7 +566,7 @@ def train_and_evaluate(
     report = trainer.finish(final, predictions)
     trainer.ckpt.close()
     return {"final": final, "perf": dict(trainer.perf), "report": report,
-            "workdir": trainer.workdir, "steps": trainer.step}
+            "workdir": trainer.workdir, "steps": trainer.step, "hf_export": hf_export}
 
 
 def restore_for_eval(

@@ -9,6 +9,7 @@ an ordinary function of arrays, jitted with explicit in/out shardings and a dona
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 from collections.abc import Callable, Mapping
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_mllm.train import sharding as shd
@@ -146,13 +147,20 @@ def init_train_state(
     *,
     seed: int = 0,
     param_dtype: Any = "float32",
+    params: Any = None,
 ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """Initialises ``(graphdef, state, shardings)`` directly into its sharded layout.
 
-    Floating parameters are stored in ``param_dtype``.
+    Floating parameters are stored in ``param_dtype``. ``params``: a pure dict (``split_model``
+    layout) of parameters to start from, e.g. a pretrained checkpoint's; each of its leaves must
+    exist in the model with the same shape (else ``ValueError``), model parameters it lacks keep
+    their fresh initialisation (e.g. a learned compressor added to a pretrained model). The
+    optimizer state is always fresh.
     """
     pdt = as_dtype(param_dtype, "param_dtype")
     graphdef, abstract_state, shardings = train_state_shardings(model_fn, tx, mesh, rules, seed)
+    if params is not None:
+        _check_init_params(params, abstract_state.params)
     # Parameters are stored in param_dtype: the abstract state must say so too.
     abstract_state = dataclasses.replace(
         abstract_state,
@@ -162,17 +170,49 @@ def init_train_state(
         ),
     )
 
-    def init():
+    def init(given):
         with nnx.use_eager_sharding(False):
             model = model_fn(nnx.Rngs(seed))
         _, params, rest = split_model(model)
+        if given is not None:
+            flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
+            flat.update(traverse_util.flatten_dict(given))
+            params = traverse_util.unflatten_dict(flat)
         params = _cast_floats(params, pdt)
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rest=rest
         )
 
-    state = jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings)(params)
     return graphdef, state, shardings
+
+
+def _check_init_params(params: Any, abstract: Any) -> None:
+    """Every leaf of ``params`` names a model parameter of the same shape (see
+    :func:`init_train_state`); logs the parameters left at their fresh initialisation."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a pure dict of parameters, got {type(params).__name__}")
+    given = traverse_util.flatten_dict(params)
+    model = traverse_util.flatten_dict(abstract)
+    fmt = lambda p: "/".join(map(str, p))  # noqa: E731
+    unknown = sorted(fmt(p) for p in given if p not in model)
+    if unknown:
+        raise ValueError(
+            f"params: {len(unknown)} leaf(s) the model does not have, e.g. {unknown[:3]}; expected "
+            "paths of the model's parameters (nnx.to_pure_dict layout)"
+        )
+    for p, v in given.items():
+        if tuple(np.shape(v)) != tuple(model[p].shape):
+            raise ValueError(
+                f"params[{fmt(p)!r}] shape={tuple(np.shape(v))}: expected the model's "
+                f"{tuple(model[p].shape)}"
+            )
+    fresh = sorted(fmt(p) for p in model if p not in given)
+    if fresh:
+        logging.getLogger(__name__).warning(
+            "init params: %d parameter(s) keep their fresh initialisation: %s",
+            len(fresh), ", ".join(fresh[:8]) + (" ..." if len(fresh) > 8 else ""),
+        )
 
 
 def forward_logits(model: nnx.Module, batch: Mapping[str, jax.Array], compute_dtype: Any = None):
