@@ -15,6 +15,7 @@ a table. Importable without ml_collections / grain.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -117,13 +118,13 @@ def check_correctness(log):
         v = jax.random.normal(ks[2], (b, t, nkv, d), jnp.bfloat16)
         w = jax.random.normal(ks[3], (b, t, nq, d), jnp.float32)
 
-        def loss(q, k, v, impl):
+        def loss(q, k, v, impl, mask=mask, w=w):
             o = A.dot_product_attention(q, k, v, mask=mask, impl=impl)
             return jnp.sum(o.astype(jnp.float32) * w), o
 
         res = {}
         for impl in ("pallas", "xla"):
-            (_, o), g = jax.jit(jax.value_and_grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+            (_, o), g = jax.jit(jax.value_and_grad(lambda q, k, v, impl=impl: loss(q, k, v, impl), argnums=(0, 1, 2), has_aux=True))(q, k, v)
             res[impl] = (o.astype(jnp.float32), [x.astype(jnp.float32) for x in g])
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         ref_o = A.dot_product_attention(*f32, mask=mask, impl="xla")
@@ -134,7 +135,7 @@ def check_correctness(log):
                    finite=bool(all(jnp.all(jnp.isfinite(x)) for x in res["pallas"][1])))
         rows.append(row)
         log(f"check {name}: out rel err {row['out_rel_err_pallas']:.2e} (xla bf16 {row['out_rel_err_xla_bf16']:.2e}), "
-            f"grad rel err vs xla {['%.1e' % e for e in row['grad_rel_err_vs_xla_bf16']]}")
+            f"grad rel err vs xla {[f'{e:.1e}' for e in row['grad_rel_err_vs_xla_bf16']]}")
     return rows
 
 
@@ -208,7 +209,7 @@ def bench_sparse(log, quick, results):
                     kw = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
                     fwd = lambda q, k, v, bm, kw=kw: gpu.flash_attention(q, k, v, block_map=bm, **kw)[0]
                     if bwd:
-                        fn = jax.jit(lambda q, k, v, bm, fwd=fwd: jax.vjp(lambda *a: fwd(*a, bm), q, k, v)[1](fwd(q, k, v, bm)))
+                        fn = jax.jit(lambda q, k, v, bm, fwd=fwd: jax.vjp(functools.partial(_last, fwd, bm), q, k, v)[1](fwd(q, k, v, bm)))
                     else:
                         fn = jax.jit(fwd)
                     row = dict(kind="block_sparse", T=t, B=b, heads=n, head_dim=h, density_target=density,
@@ -243,6 +244,11 @@ def bench_library_path(log, quick, results):
                        tflops=flops(1, n, t, h, True, False) / s / 1e12)
             results.append(row)
             log(_fmt(row))
+
+
+def _last(fn, last, *args):
+    """``fn(*args, last)``: binds a trailing argument for jax.vjp."""
+    return fn(*args, last)
 
 
 def _fmt(row):
