@@ -14,7 +14,10 @@ tuple of int32 ``[1, bk]`` per-key features, loaded from ``row_features int32 [B
 per-column integers fits (causal, windows, segment ids, padding, prefix-LM, modality-mutual,
 frame-block causal, ...); the caller gathers whatever the predicate needs (absolute positions,
 segment ids, token types) into the feature arrays once, outside the kernel. ``mask_fn`` must be
-hashable (it is a static argument) and use only elementwise jnp ops. ``mask_fn=None`` means the
+hashable (it is a static argument) and use only elementwise jnp ops. The block map and the
+predicate must agree: a FULL tile is one where ``mask_fn`` holds for every in-range pair (kernels
+may still evaluate it there, e.g. on the ragged last key block), an EMPTY tile one where it holds
+for none. ``mask_fn=None`` means the
 block map alone is the mask (PARTIAL tiles are then treated as FULL except for the sequence-end
 bound, which kernels always apply).
 """
