@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_mllm import registry
 from efficient_mllm.nn.config import DictMixin
 from efficient_mllm.nn.internvit import InternViT, InternViTConfig
 from efficient_mllm.nn.language import LanguageConfig, LanguageModel
 from efficient_mllm.nn.layers import LayerNorm, Linear, activation
-from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM
+from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM, build_pre_llm_compressor
 
 __all__ = ["InternVLConfig", "InternVLModel", "internvl_pixel_shuffle"]
 
@@ -46,7 +47,9 @@ def internvl_pixel_shuffle(x: jax.Array, ratio: int) -> jax.Array:
 class InternVLConfig(DictMixin):
     """``language``: ``LanguageConfig`` (1D RoPE); ``vision``: ``InternViTConfig`` (square
     grid divisible by ``1 / downsample_ratio``); ``vision_feature_layer``: ViT layer read (see
-    ``InternViT.__call__``); ``projector_activation``: ``nn.layers.activation`` name."""
+    ``InternViT.__call__``); ``projector_activation``: ``nn.layers.activation`` name;
+    ``compressor``: optional ``pre_llm`` registry spec (``nn.placeholder_mllm`` module doc),
+    applied per tile."""
 
     language: Any
     vision: Any
@@ -54,6 +57,7 @@ class InternVLConfig(DictMixin):
     downsample_ratio: float = 0.5
     vision_feature_layer: int = -1
     projector_activation: str = "gelu"
+    compressor: str | None = None
 
     def __post_init__(self):
         lang = self.language
@@ -101,6 +105,13 @@ class InternVLConfig(DictMixin):
         object.__setattr__(self, "image_token_id", int(tid))
         object.__setattr__(self, "vision_feature_layer", int(layer))
         object.__setattr__(self, "downsample_ratio", float(self.downsample_ratio))
+        if self.compressor is not None:
+            if not isinstance(self.compressor, str):
+                raise ValueError(
+                    f"InternVLConfig.compressor={self.compressor!r}: expected a spec string or "
+                    "None"
+                )
+            registry.parse_spec(self.compressor)
 
     @property
     def shuffle(self) -> int:
@@ -142,6 +153,10 @@ class InternVLModel(PlaceholderMLLM):
         self.vision = InternViT(cfg.vision, rngs=rngs)
         self.projector = InternVLProjector(cfg, rngs=rngs)
         self.language = LanguageModel(cfg.language, rngs=rngs)
+        self.compressor = build_pre_llm_compressor(
+            cfg.compressor, dim=cfg.language.width, num_layers=cfg.language.depth,
+            dtype=cfg.language.compute_dtype,
+        )
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """``images [N, H, W, C]`` -> LLM-ready image tokens ``[N, tokens_per_image, D]``."""
@@ -162,6 +177,13 @@ class InternVLModel(PlaceholderMLLM):
                 f"images shape={tuple(getattr(images, 'shape', ()))}: expected [N, H, W, C]"
             )
         return int(images.shape[0]) * self.cfg.tokens_per_image
+
+    def feature_groups(self, images: jax.Array) -> list:
+        """All tiles in one group: ``(N, tokens_per_image, grid, arange ids [N, n])``."""
+        n_img = self.num_image_features(images) // self.cfg.tokens_per_image
+        g = self.cfg.vision.grid[0] // self.cfg.shuffle
+        rel = np.broadcast_to(np.arange(g * g, dtype=np.int32)[None], (n_img, g * g))
+        return [(n_img, g * g, (g, g), rel)]
 
     def positions(self, tokens, images, lengths, start):
         del images, lengths

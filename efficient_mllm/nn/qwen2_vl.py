@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_mllm import registry
 from efficient_mllm.nn.config import DictMixin
 from efficient_mllm.nn.language import LanguageConfig, LanguageModel
-from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM
+from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM, build_pre_llm_compressor
 from efficient_mllm.nn.qwen2_vl_vision import (
     QwenVisionConfig,
     QwenVisionTransformer,
@@ -54,11 +55,13 @@ jax.tree_util.register_dataclass(
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QwenVLConfig(DictMixin):
     """``language``: a ``LanguageConfig`` with ``rope_type="mrope"``; ``vision``: a
-    ``QwenVisionConfig`` whose ``out_dim`` is the language width; ``image_token_id``."""
+    ``QwenVisionConfig`` whose ``out_dim`` is the language width; ``image_token_id``;
+    ``compressor``: optional ``pre_llm`` registry spec (``nn.placeholder_mllm`` module doc)."""
 
     language: Any
     vision: Any
     image_token_id: int
+    compressor: str | None = None
 
     def __post_init__(self):
         lang = self.language
@@ -83,6 +86,12 @@ class QwenVLConfig(DictMixin):
         object.__setattr__(self, "language", lang)
         object.__setattr__(self, "vision", vis)
         object.__setattr__(self, "image_token_id", int(tid))
+        if self.compressor is not None:
+            if not isinstance(self.compressor, str):
+                raise ValueError(
+                    f"QwenVLConfig.compressor={self.compressor!r}: expected a spec string or None"
+                )
+            registry.parse_spec(self.compressor)
 
 
 class QwenVLModel(PlaceholderMLLM):
@@ -96,6 +105,10 @@ class QwenVLModel(PlaceholderMLLM):
         self.cfg = cfg
         self.visual = QwenVisionTransformer(cfg.vision, rngs=rngs)
         self.language = LanguageModel(cfg.language, rngs=rngs)
+        self.compressor = build_pre_llm_compressor(
+            cfg.compressor, dim=cfg.language.width, num_layers=cfg.language.depth,
+            dtype=cfg.language.compute_dtype,
+        )
 
     def _check_images(self, images) -> QwenVLImages:
         if not isinstance(images, QwenVLImages):
@@ -119,6 +132,16 @@ class QwenVLModel(PlaceholderMLLM):
         m = self.cfg.vision.spatial_merge_size
         grid = check_grid_thw(self._check_images(images).grid_thw, m)
         return tuple((t, h // m, w // m) for t, h, w in grid)
+
+    def feature_groups(self, images: QwenVLImages) -> list:
+        """One group per image: grid ``(t * h, w)`` of LLM tokens and relative M-RoPE ids
+        ``(t, row, col)`` (``[3, 1, n]``), as ``mrope_grid_positions`` gives an image at 0."""
+        groups = []
+        for t, h, w in self.llm_grids(images):
+            ti, hi, wi = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+            rel = np.stack([ti.ravel(), hi.ravel(), wi.ravel()])[:, None, :].astype(np.int32)
+            groups.append((1, t * h * w, (t * h, w), rel))
+        return groups
 
     def positions(self, tokens, images, lengths, start):
         image_mask = (tokens == self.cfg.image_token_id) & (
