@@ -172,3 +172,49 @@ def split_features(rows: jax.Array, cols: jax.Array) -> tuple[tuple, tuple]:
     r = tuple(rows[i][:, None] for i in range(rows.shape[0]))
     c = tuple(cols[i][None, :] for i in range(cols.shape[0]))
     return r, c
+
+
+def check_attention_args(q, k, v, block_map, mask_fn, row_features, col_features, block_q, block_k):
+    """Validates the arguments every flash-attention kernel takes.
+
+    Returns ``(block_map, row_features, col_features)``: the map (all FULL when None) checked
+    against ``[B|1, Nq|1, cdiv(Tq, block_q), cdiv(Tk, block_k)]`` and the feature arrays as
+    int32 ``[B|1, F, T]`` (``F = 0`` when absent).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"{name} must be a floating array [batch, seq, heads, head_dim], got "
+                f"{x.dtype}{list(x.shape)}"
+            )
+    b, tq, nq, d = q.shape
+    tk, nkv = k.shape[1], k.shape[2]
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+        raise ValueError(
+            f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: expected q [B,Tq,Nq,H], "
+            "k [B,Tk,Nkv,H], v [B,Tk,Nkv,Hv]"
+        )
+    if nq % nkv:
+        raise ValueError(f"q heads ({nq}) must be a multiple of kv heads ({nkv})")
+    if mask_fn is not None:
+        try:
+            hash(mask_fn)
+        except TypeError as e:
+            raise ValueError(f"mask_fn must be hashable (a static argument), got {mask_fn!r}") from e
+    nqb, nkb = cdiv(tq, block_q), cdiv(tk, block_k)
+    if block_map is None:
+        block_map = dense_block_map(tq, tk, block_q, block_k)
+    if block_map.ndim != 4 or block_map.shape[2:] != (nqb, nkb):
+        raise ValueError(
+            f"block_map shape {tuple(block_map.shape)}: expected [B|1, Nq|1, {nqb}, {nkb}] for "
+            f"Tq={tq}, Tk={tk}, block_q={block_q}, block_k={block_k}"
+        )
+    if block_map.shape[0] not in (1, b) or block_map.shape[1] not in (1, nq):
+        raise ValueError(
+            f"block_map shape {tuple(block_map.shape)}: leading dims must be [1 or {b}, 1 or {nq}]"
+        )
+    rowf = check_features("row_features", row_features, b, tq)
+    colf = check_features("col_features", col_features, b, tk)
+    if (rowf.shape[1] or colf.shape[1]) and mask_fn is None:
+        raise ValueError("row_features / col_features were given without a mask_fn")
+    return block_map, rowf, colf

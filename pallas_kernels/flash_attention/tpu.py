@@ -578,47 +578,15 @@ def flash_attention(
     Returns ``out [B, Tq, Nq, Hv]`` in ``q.dtype`` and ``lse float32 [B, Nq, Tq]`` (natural
     log; -inf on rows that see no key, whose output is 0). Differentiable in q, k, v (and lse).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(
-                f"{name} must be a floating array [batch, seq, heads, head_dim], got "
-                f"{x.dtype}{list(x.shape)}"
-            )
-    b, tq, nq, d = q.shape
-    tk, nkv = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
-        raise ValueError(
-            f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: expected q [B,Tq,Nq,H], "
-            "k [B,Tk,Nkv,H], v [B,Tk,Nkv,Hv]"
-        )
-    if nq % nkv:
-        raise ValueError(f"q heads ({nq}) must be a multiple of kv heads ({nkv})")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"softcap must be None or positive, got {softcap!r}")
     block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
-    if mask_fn is not None:
-        try:
-            hash(mask_fn)
-        except TypeError as e:
-            raise ValueError(
-                f"mask_fn must be hashable (a static argument), got {mask_fn!r}"
-            ) from e
+    block_map, rowf, colf = common.check_attention_args(
+        q, k, v, block_map, mask_fn, row_features, col_features, block_q, block_k
+    )
+    b, tq, nq, d = q.shape
+    tk, nkv = k.shape[1], k.shape[2]
     nqb, nkb = common.cdiv(tq, block_q), common.cdiv(tk, block_k)
-    if block_map is None:
-        block_map = common.dense_block_map(tq, tk, block_q, block_k)
-    if block_map.ndim != 4 or block_map.shape[2:] != (nqb, nkb):
-        raise ValueError(
-            f"block_map shape {tuple(block_map.shape)}: expected [B|1, Nq|1, {nqb}, {nkb}] for "
-            f"Tq={tq}, Tk={tk}, block_q={block_q}, block_k={block_k}"
-        )
-    if block_map.shape[0] not in (1, b) or block_map.shape[1] not in (1, nq):
-        raise ValueError(
-            f"block_map shape {tuple(block_map.shape)}: batch must be 1 or {b}, heads 1 or {nq}"
-        )
-    rowf = common.check_features("row_features", row_features, b, tq)
-    colf = common.check_features("col_features", col_features, b, tk)
-    if (rowf.shape[1] or colf.shape[1]) and mask_fn is None:
-        raise ValueError("row_features / col_features were given without a mask_fn")
     if rowf.shape[0] != colf.shape[0] and (rowf.shape[1] and colf.shape[1]):
         rowf = jnp.broadcast_to(rowf, (b,) + rowf.shape[1:])
         colf = jnp.broadcast_to(colf, (b,) + colf.shape[1:])
