@@ -38,6 +38,7 @@ module; ``efficient_mllm.hf`` imports the modules listed in ``_FAMILY_MODULES``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import logging
@@ -134,13 +135,14 @@ def _as_tuple(out: Any, n: int, what: str, tm: TensorMap) -> tuple[np.ndarray, .
     return tuple(out)
 
 
-class Family:
+class Family(abc.ABC):
     """Base class of a model family (see the module docstring). Subclasses override the four
     methods; ``canonical_name`` defaults to keeping every name."""
 
     #: HF ``config.model_type`` values this family handles.
     model_types: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def config_from_hf(
         self, hf_config: dict, *, param_dtype: str = "float32", dtype: str | None = None
     ) -> Any:
@@ -148,20 +150,19 @@ class Family:
         ``config.json`` dict. ``param_dtype`` is the storage dtype of the parameters, ``dtype``
         the compute dtype (default: ``param_dtype``). Unsupported HF options raise
         ``ValueError`` naming the key and value."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def config_to_hf(self, config: Any, original_hf_config: dict | None = None) -> dict:
         """An HF ``config.json`` dict (with ``model_type`` and ``architectures``) for
         ``config``; keys of ``original_hf_config`` we do not model (token ids, ...) are kept."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build(self, config: Any, rngs: Any) -> Any:
         """Our NNX module for ``config`` (called under ``nnx.eval_shape`` by the loader)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def tensor_maps(self, config: Any) -> list[TensorMap]:
         """Every parameter of ``build(config)`` mapped to canonical HF names (module doc)."""
-        raise NotImplementedError
 
     def canonical_name(self, name: str, config: Any) -> str | None:
         """Checkpoint tensor name -> canonical HF name, or None to skip the tensor."""

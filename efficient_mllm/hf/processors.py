@@ -26,6 +26,7 @@ differs slightly from PIL's.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Mapping
 
@@ -111,7 +112,7 @@ def _images_in_messages(conversation) -> list:
     return found
 
 
-class _Processor:
+class _Processor(abc.ABC):
     """Text + images -> model inputs; subclasses define the placeholder expansion."""
 
     image_token: str
@@ -132,8 +133,9 @@ class _Processor:
             )
         self.image_token_id = tokenizer.token_to_id(self.image_token)
 
+    @abc.abstractmethod
     def _replacements(self, image_inputs: dict) -> list[str]:
-        raise NotImplementedError
+        """Per image, the token string its placeholder expands to."""
 
     def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, **kwargs):
         """The prompt string(s) of one conversation or a batch of them."""

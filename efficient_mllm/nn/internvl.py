@@ -22,12 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_mllm import registry
 from efficient_mllm.nn.config import DictMixin
 from efficient_mllm.nn.internvit import InternViT, InternViTConfig
-from efficient_mllm.nn.language import LanguageConfig, LanguageModel
+from efficient_mllm.nn.language import LanguageModel
 from efficient_mllm.nn.layers import LayerNorm, Linear, activation
-from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM, build_pre_llm_compressor
+from efficient_mllm.nn.placeholder_mllm import (
+    PlaceholderMLLM,
+    build_pre_llm_compressor,
+    check_vl_config,
+)
 
 __all__ = ["InternVLConfig", "InternVLModel", "internvl_pixel_shuffle"]
 
@@ -60,19 +63,7 @@ class InternVLConfig(DictMixin):
     compressor: str | None = None
 
     def __post_init__(self):
-        lang = self.language
-        if isinstance(lang, Mapping):
-            lang = LanguageConfig.from_dict(lang)
-        vis = self.vision
-        if isinstance(vis, Mapping):
-            vis = InternViTConfig.from_dict(vis)
-        if not isinstance(lang, LanguageConfig) or lang.rope_type != "rope":
-            raise ValueError(
-                f"InternVLConfig.language={self.language!r}: expected a LanguageConfig with 1D "
-                "rope"
-            )
-        if not isinstance(vis, InternViTConfig):
-            raise ValueError(f"InternVLConfig.vision={self.vision!r}: expected InternViTConfig")
+        _, vis = check_vl_config(self, InternViTConfig, "rope")
         inv = 1.0 / float(self.downsample_ratio) if self.downsample_ratio else 0.0
         if not inv >= 1 or abs(inv - round(inv)) > 1e-9:
             raise ValueError(
@@ -97,21 +88,6 @@ class InternVLConfig(DictMixin):
                 f"[{-vis.depth - 1}, {vis.depth}]"
             )
         activation(self.projector_activation)
-        tid = self.image_token_id
-        if isinstance(tid, bool) or not isinstance(tid, (int, np.integer)) or tid < 0:
-            raise ValueError(f"InternVLConfig.image_token_id={tid!r}: expected an int >= 0")
-        object.__setattr__(self, "language", lang)
-        object.__setattr__(self, "vision", vis)
-        object.__setattr__(self, "image_token_id", int(tid))
-        object.__setattr__(self, "vision_feature_layer", int(layer))
-        object.__setattr__(self, "downsample_ratio", float(self.downsample_ratio))
-        if self.compressor is not None:
-            if not isinstance(self.compressor, str):
-                raise ValueError(
-                    f"InternVLConfig.compressor={self.compressor!r}: expected a spec string or "
-                    "None"
-                )
-            registry.parse_spec(self.compressor)
 
     @property
     def shuffle(self) -> int:
@@ -154,7 +130,9 @@ class InternVLModel(PlaceholderMLLM):
         self.projector = InternVLProjector(cfg, rngs=rngs)
         self.language = LanguageModel(cfg.language, rngs=rngs)
         self.compressor = build_pre_llm_compressor(
-            cfg.compressor, dim=cfg.language.width, num_layers=cfg.language.depth,
+            cfg.compressor,
+            dim=cfg.language.width,
+            num_layers=cfg.language.depth,
             dtype=cfg.language.compute_dtype,
         )
 

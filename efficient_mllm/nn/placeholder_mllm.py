@@ -33,7 +33,9 @@ raise their own "needs ..." error.
 
 from __future__ import annotations
 
+import abc
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -43,10 +45,16 @@ from flax import nnx
 
 from efficient_mllm import registry
 from efficient_mllm.kvcache.cache import KVCache
-from efficient_mllm.nn.language import LanguageOutput
+from efficient_mllm.nn.language import LanguageConfig, LanguageOutput
 from efficient_mllm.nn.mllm import _call_with_accepted
 
-__all__ = ["PlaceholderMLLM", "build_pre_llm_compressor", "compact_rows", "scatter_features"]
+__all__ = [
+    "PlaceholderMLLM",
+    "build_pre_llm_compressor",
+    "check_vl_config",
+    "compact_rows",
+    "scatter_features",
+]
 
 # Factory arguments that mean "this compressor owns parameters": not supported here yet.
 _LEARNED_ARGS = ("rngs", "vision_dim", "param_dtype")
@@ -70,6 +78,38 @@ def scatter_features(embeds: jax.Array, is_feature: jax.Array, features: jax.Arr
     index = jnp.clip(jnp.cumsum(flat) - flat, 0, k - 1)
     gathered = jnp.take(features.astype(embeds.dtype), index, axis=0).reshape(b, t, d)
     return jnp.where(is_feature[..., None], gathered, embeds)
+
+
+def check_vl_config(cfg: Any, vision_cls: type, rope_type: str) -> tuple[Any, Any]:
+    """The checks every placeholder-model config shares: ``language`` / ``vision`` (dicts are
+    converted) of the right types, the rope type, a non-negative int ``image_token_id`` and a
+    parsable ``compressor`` spec. Writes the converted fields back; returns ``(lang, vis)``."""
+    name = type(cfg).__name__
+    lang, vis = cfg.language, cfg.vision
+    if isinstance(lang, Mapping):
+        lang = LanguageConfig.from_dict(lang)
+    if isinstance(vis, Mapping):
+        vis = vision_cls.from_dict(vis)
+    if not isinstance(lang, LanguageConfig) or lang.rope_type != rope_type:
+        raise ValueError(
+            f"{name}.language={cfg.language!r}: expected a LanguageConfig with "
+            f"rope_type={rope_type!r}"
+        )
+    if not isinstance(vis, vision_cls):
+        raise ValueError(f"{name}.vision={cfg.vision!r}: expected a {vision_cls.__name__}")
+    tid = cfg.image_token_id
+    if isinstance(tid, bool) or not isinstance(tid, (int, np.integer)) or tid < 0:
+        raise ValueError(f"{name}.image_token_id={tid!r}: expected an int >= 0")
+    if cfg.compressor is not None:
+        if not isinstance(cfg.compressor, str):
+            raise ValueError(
+                f"{name}.compressor={cfg.compressor!r}: expected a spec string or None"
+            )
+        registry.parse_spec(cfg.compressor)
+    object.__setattr__(cfg, "language", lang)
+    object.__setattr__(cfg, "vision", vis)
+    object.__setattr__(cfg, "image_token_id", int(tid))
+    return lang, vis
 
 
 def build_pre_llm_compressor(spec: str | None, *, dim: int, num_layers: int, dtype: Any):
@@ -119,7 +159,7 @@ def compact_rows(live: jax.Array, *arrays: jax.Array, axis: int = 1):
     return (lengths, index, *out)
 
 
-class PlaceholderMLLM(nnx.Module):
+class PlaceholderMLLM(nnx.Module, abc.ABC):
     """Shared forward / prefill / decode of the placeholder-expanded models (module doc).
     Subclasses set ``self.compressor`` (``build_pre_llm_compressor``) in ``__init__``."""
 
@@ -127,20 +167,23 @@ class PlaceholderMLLM(nnx.Module):
 
     # -- subclass hooks --------------------------------------------------------------------
 
-    def image_features(self, images: Any) -> jax.Array:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def image_features(self, images: Any) -> jax.Array:
+        """Projected image features ``[total image tokens, D]`` in prompt order."""
 
-    def num_image_features(self, images: Any) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def num_image_features(self, images: Any) -> int:
+        """Static number of rows ``image_features`` returns."""
 
-    def positions(self, tokens, images, lengths, start):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def positions(self, tokens, images, lengths, start):
+        """Position ids of ``tokens`` (``[B, T]`` 1D or ``[3, B, T]`` M-RoPE), offset by ``start``."""
 
-    def feature_groups(self, images: Any) -> list:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def feature_groups(self, images: Any) -> list:
         """Static layout of ``image_features`` for the compressor: consecutive groups
         ``(count, n, grid, rel)`` of ``count`` images with ``n`` tokens each, the token ``grid``
         ``(rows, cols)`` and relative position ids ``rel`` (``[count, n]`` or ``[3, count, n]``)."""
-        raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
 
@@ -183,8 +226,14 @@ class PlaceholderMLLM(nnx.Module):
         for count, n, grid, rel in self.feature_groups(images):
             x = features[off : off + count * n].reshape(count, n, d)
             off += count * n
-            kw = dict(positions=jnp.asarray(rel, jnp.int32), grid=tuple(grid), cls_attention=None,
-                      layer_cls_attention=None, features=None, cls=None)
+            kw = dict(
+                positions=jnp.asarray(rel, jnp.int32),
+                grid=tuple(grid),
+                cls_attention=None,
+                layer_cls_attention=None,
+                features=None,
+                cls=None,
+            )
             out = _call_with_accepted(comp, (x,), kw)
             if not (hasattr(out, "tokens") and hasattr(out, "keep_idx")):
                 raise ValueError(
@@ -202,10 +251,15 @@ class PlaceholderMLLM(nnx.Module):
             valid = jnp.ones((count, k), bool) if valid is None else jnp.asarray(valid, bool)
             slot = jnp.where(valid, jnp.asarray(out.keep_idx, jnp.int32), n)  # n: dropped
             rows = jnp.arange(count)[:, None]
-            outs.append(jnp.zeros((count, n, d), features.dtype).at[rows, slot]
-                        .set(toks.astype(features.dtype), mode="drop").reshape(-1, d))
-            kept.append(jnp.zeros((count, n), bool).at[rows, slot].set(True, mode="drop")
-                        .reshape(-1))
+            outs.append(
+                jnp.zeros((count, n, d), features.dtype)
+                .at[rows, slot]
+                .set(toks.astype(features.dtype), mode="drop")
+                .reshape(-1, d)
+            )
+            kept.append(
+                jnp.zeros((count, n), bool).at[rows, slot].set(True, mode="drop").reshape(-1)
+            )
         if off != features.shape[0]:
             raise ValueError(f"feature_groups cover {off} of {features.shape[0]} image features")
         return jnp.concatenate(outs, 0), jnp.concatenate(kept, 0)
@@ -226,10 +280,14 @@ class PlaceholderMLLM(nnx.Module):
             return scatter_features(embeds, image_mask, feats), positions, lengths, {}
         feats, kept = self.compress_features(feats, images)
         embeds = scatter_features(embeds, image_mask, feats)
-        slot_kept = scatter_features(
-            jnp.zeros(tokens.shape + (1,), jnp.float32), image_mask,
-            kept.astype(jnp.float32)[:, None]
-        )[..., 0] > 0.5
+        slot_kept = (
+            scatter_features(
+                jnp.zeros(tokens.shape + (1,), jnp.float32),
+                image_mask,
+                kept.astype(jnp.float32)[:, None],
+            )[..., 0]
+            > 0.5
+        )
         t = tokens.shape[1]
         live = (jnp.arange(t)[None, :] < lengths[:, None]) & (~image_mask | slot_kept)
         if positions is None:
@@ -237,12 +295,16 @@ class PlaceholderMLLM(nnx.Module):
         axis = 2 if positions.ndim == 3 else 1
         new_lengths, index, embeds = compact_rows(live, embeds)
         _, _, positions = compact_rows(live, positions, axis=axis)
-        aux = {"index": index, "kept": live,
-               "num_image_tokens": jnp.sum(live & image_mask, axis=1).astype(jnp.int32)}
+        aux = {
+            "index": index,
+            "kept": live,
+            "num_image_tokens": jnp.sum(live & image_mask, axis=1).astype(jnp.int32),
+        }
         return embeds, positions, new_lengths, aux
 
-    def __call__(self, tokens, images=None, *, lengths=None, logits_at=None, layer_hook=None,
-                 block_fn=None) -> LanguageOutput:
+    def __call__(
+        self, tokens, images=None, *, lengths=None, logits_at=None, layer_hook=None, block_fn=None
+    ) -> LanguageOutput:
         """``tokens [B, T]`` (image tokens expanded), ``images`` (subclass format) or None ->
         the decoder's ``LanguageOutput`` (``logits [B, T, V]`` aligned with ``tokens``);
         ``logits_at`` / ``layer_hook`` / ``block_fn`` go to ``LanguageModel.__call__``."""
@@ -258,8 +320,14 @@ class PlaceholderMLLM(nnx.Module):
                     )
                 index = jnp.take_along_axis(index, logits_at, axis=1)
             logits_at = index
-        return self.language(embeds, positions=positions, lengths=lengths, logits_at=logits_at,
-                             layer_hook=layer_hook, block_fn=block_fn)
+        return self.language(
+            embeds,
+            positions=positions,
+            lengths=lengths,
+            logits_at=logits_at,
+            layer_hook=layer_hook,
+            block_fn=block_fn,
+        )
 
     def prompt_length(self, tokens_shape: tuple[int, ...], images: Any = None) -> int:
         """KV slots a prompt takes: ``T`` (no splicing)."""

@@ -19,10 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_mllm import registry
 from efficient_mllm.nn.config import DictMixin
-from efficient_mllm.nn.language import LanguageConfig, LanguageModel
-from efficient_mllm.nn.placeholder_mllm import PlaceholderMLLM, build_pre_llm_compressor
+from efficient_mllm.nn.language import LanguageModel
+from efficient_mllm.nn.placeholder_mllm import (
+    PlaceholderMLLM,
+    build_pre_llm_compressor,
+    check_vl_config,
+)
 from efficient_mllm.nn.qwen2_vl_vision import (
     QwenVisionConfig,
     QwenVisionTransformer,
@@ -64,34 +67,12 @@ class QwenVLConfig(DictMixin):
     compressor: str | None = None
 
     def __post_init__(self):
-        lang = self.language
-        if isinstance(lang, Mapping):
-            lang = LanguageConfig.from_dict(lang)
-        vis = self.vision
-        if isinstance(vis, Mapping):
-            vis = QwenVisionConfig.from_dict(vis)
-        if not isinstance(lang, LanguageConfig) or lang.rope_type != "mrope":
-            raise ValueError(
-                f"QwenVLConfig.language={self.language!r}: expected a LanguageConfig with "
-                "rope_type='mrope'"
-            )
-        if not isinstance(vis, QwenVisionConfig) or vis.out_dim != lang.width:
+        lang, vis = check_vl_config(self, QwenVisionConfig, "mrope")
+        if vis.out_dim != lang.width:
             raise ValueError(
                 f"QwenVLConfig.vision={self.vision!r}: expected a QwenVisionConfig with out_dim "
                 f"= language width {lang.width}"
             )
-        tid = self.image_token_id
-        if isinstance(tid, bool) or not isinstance(tid, (int, np.integer)) or tid < 0:
-            raise ValueError(f"QwenVLConfig.image_token_id={tid!r}: expected a non-negative int")
-        object.__setattr__(self, "language", lang)
-        object.__setattr__(self, "vision", vis)
-        object.__setattr__(self, "image_token_id", int(tid))
-        if self.compressor is not None:
-            if not isinstance(self.compressor, str):
-                raise ValueError(
-                    f"QwenVLConfig.compressor={self.compressor!r}: expected a spec string or None"
-                )
-            registry.parse_spec(self.compressor)
 
 
 class QwenVLModel(PlaceholderMLLM):
@@ -106,7 +87,9 @@ class QwenVLModel(PlaceholderMLLM):
         self.visual = QwenVisionTransformer(cfg.vision, rngs=rngs)
         self.language = LanguageModel(cfg.language, rngs=rngs)
         self.compressor = build_pre_llm_compressor(
-            cfg.compressor, dim=cfg.language.width, num_layers=cfg.language.depth,
+            cfg.compressor,
+            dim=cfg.language.width,
+            num_layers=cfg.language.depth,
             dtype=cfg.language.compute_dtype,
         )
 
@@ -147,9 +130,7 @@ class QwenVLModel(PlaceholderMLLM):
         image_mask = (tokens == self.cfg.image_token_id) & (
             jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
         )
-        pos, _ = rope_ops.mrope_grid_positions(
-            image_mask, self.llm_grids(images), lengths=lengths
-        )
+        pos, _ = rope_ops.mrope_grid_positions(image_mask, self.llm_grids(images), lengths=lengths)
         if start is not None:
             pos = pos + jnp.asarray(start, jnp.int32)[None, :, None]
         return pos
