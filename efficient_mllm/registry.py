@@ -172,7 +172,7 @@ class Registry:
         return f"Registry({self.kind!r}, {self.names()})"
 
 
-ATTENTION = Registry("attention", ("efficient_mllm.ops.attention",))
+ATTENTION = Registry("attention", ("efficient_mllm.ops.attention", "efficient_mllm.nn.linear_attention"))
 COMPRESSORS = Registry("compressor", ("efficient_mllm.compress",))
 KV_PRESSES = Registry("kv_press")
 DATASETS = Registry("dataset", ("efficient_mllm.data",))

@@ -281,7 +281,7 @@ def time_call(
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity"))
 def _prefill_jit(graphdef, state, tokens, images, lengths, *, capacity):
     model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.cfg, batch=tokens.shape[0], capacity=capacity)
+    cache = model.language.init_cache(tokens.shape[0], capacity)
     logits, cache, aux = model.prefill(tokens, images, lengths, cache)
     keep = ("num_image_tokens", "spliced_lengths", "visual_tokens_per_layer")
     return logits, cache, {k: aux[k] for k in keep if k in aux}

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["KVCache", "LayerCache"]
+__all__ = ["KVCache", "LayerCache", "RecurrentCache"]
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -129,6 +129,50 @@ class LayerCache:
         return jnp.sum(jnp.minimum(self.length, self.capacity)) * per_slot
 
 
+def _nbytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecurrentCache:
+    """The cache of a recurrent (linear-attention) layer: a fixed-size ``state`` pytree instead
+    of per-token keys and values.
+
+    ``state``: the variant's recurrent state (e.g. ``LinearAttentionState``: float32
+    ``[B, Ns, F, dv]`` plus the normaliser ``[B, Ns, F]``), updated in place of an append;
+    ``length`` int32 ``[B]``: tokens absorbed so far (slots, as for :class:`LayerCache`);
+    ``kv``: a :class:`LayerCache` of the recent keys/values for hybrids with a softmax window
+    (``linear_swa``), else None; ``capacity``: static token capacity (what ``generate`` checks;
+    the state itself does not grow).
+
+    Built by the layer's variant (``Attention.init_cache``); only that variant reads it.
+    """
+
+    state: Any
+    length: jax.Array
+    kv: LayerCache | None = None
+    capacity: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def batch(self) -> int:
+        return self.length.shape[0]
+
+    def replace(self, **changes: Any) -> RecurrentCache:
+        return dataclasses.replace(self, **changes)
+
+    def nbytes(self) -> int:
+        """Allocated bytes: the state, the window cache (if any) and the lengths; static."""
+        window = 0 if self.kv is None else self.kv.nbytes() - self.kv.length.size * 4
+        return _nbytes(self.state) + window + self.length.size * 4
+
+    def used_nbytes(self) -> jax.Array:
+        """The state's bytes for every row that absorbed a token, plus the used window slots."""
+        per_row = _nbytes(self.state) // max(self.batch, 1)
+        used = jnp.sum(self.length > 0).astype(jnp.int32) * per_row
+        return used if self.kv is None else used + self.kv.used_nbytes()
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -168,6 +212,13 @@ class KVCache:
                         f"{type(config).__name__} "
                         f"without {attr!r}"
                     )
+            recurrent = getattr(config, "recurrent_layers", ())
+            if recurrent:
+                raise ValueError(
+                    f"layers {list(recurrent)} use recurrent (linear) attention, which keeps a "
+                    "state instead of keys/values: build the cache with "
+                    "model.init_cache(batch, capacity) (LanguageModel; MLLMs: model.language)"
+                )
             num_layers = config.depth if num_layers is None else num_layers
             kv_heads = config.kv_heads if kv_heads is None else kv_heads
             head_dim = config.head_dim if head_dim is None else head_dim

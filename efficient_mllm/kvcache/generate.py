@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_mllm.kvcache.cache import KVCache
 
 __all__ = ["GenerateOutput", "generate", "sample_logits"]
 
@@ -134,7 +133,7 @@ def _generate_jit(
     model = nnx.merge(graphdef, state)
     mllm = _is_mllm(model) or _is_placeholder_mllm(model)
     batch = tokens.shape[0]
-    cache = KVCache.init(model.cfg, batch=batch, capacity=capacity)
+    cache = getattr(model, "language", model).init_cache(batch, capacity)
     if mllm:
         logits, cache, _ = model.prefill(tokens, images, lengths, cache)
     else:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_mllm import registry
+from efficient_mllm.kvcache.cache import LayerCache, RecurrentCache
 from efficient_mllm.nn.config import AttentionConfig
 from efficient_mllm.nn.layers import Linear
 from efficient_mllm.ops import attention as _attention_ops  # noqa: F401  (registers "softmax")
@@ -138,6 +139,25 @@ class Attention(nnx.Module):
         self.attend, spec_kwargs = _build_variant(cfg, rngs)
         self.probe_scale = spec_kwargs.get("scale")
         self.probe_softcap = spec_kwargs.get("softcap")
+        self.recurrent = bool(getattr(self.attend, "recurrent", False))
+
+    def init_cache(self, batch: int, capacity: int, dtype: Any = None):
+        """An empty cache for this layer: a ``LayerCache`` of ``capacity`` key/value slots, or
+        the variant's ``RecurrentCache`` (fixed-size state) for recurrent variants."""
+        dtype = self.cfg.compute_dtype if dtype is None else dtype
+        if self.recurrent:
+            return self.attend.init_cache(batch, capacity, dtype)
+        return LayerCache.init(batch, capacity, self.cfg.num_kv_heads, self.cfg.head_dim, dtype)
+
+    def state_floats(self, seq_len: int) -> int:
+        """Floats of decoding memory per sequence after ``seq_len`` tokens: the KV cache
+        (``2 * seq_len * kv_heads * head_dim``; a sliding window caps ``seq_len``) or the
+        recurrent state of a linear variant (the MQAR study's state size)."""
+        if self.recurrent:
+            return int(self.attend.state_floats(seq_len))
+        window = getattr(self.attend, "window", None)
+        kept = seq_len if window is None else min(window, seq_len)
+        return 2 * kept * self.cfg.num_kv_heads * self.cfg.head_dim
 
     def _check_x(self, x) -> None:
         if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.cfg.dim:
@@ -162,11 +182,19 @@ class Attention(nnx.Module):
         ``cache.k``/``cache.v``; the caller supplies the matching mask and ``q_offset``.
         """
         q, k, v = self.qkv(x, positions=positions)
-        if cache is not None:
+        if cache is not None and not self.recurrent:
+            if isinstance(cache, RecurrentCache):
+                raise ValueError(
+                    f"cache is a RecurrentCache but this layer's attention {self.cfg.attention!r}"
+                    " keeps keys/values; build caches with model.init_cache(batch, capacity)"
+                )
             cache = cache.append(k, v)
             k, v = cache.k, cache.v
             if k.dtype != q.dtype:
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if self.recurrent:
+            out, cache = self.attend.forward(q, k, v, mask=mask, q_offset=q_offset, x=x, cache=cache)
+            return self.o(out.astype(q.dtype)), cache
         out = self.attend(q, k, v, mask=mask, q_offset=q_offset)
         return self.o(out.astype(q.dtype)), cache
 
@@ -185,6 +213,10 @@ class Attention(nnx.Module):
         Logits use the variant's ``scale``/``softcap`` spec arguments, else ``1 / sqrt(H)``.
         """
         self._check_x(x)
+        if self.recurrent:
+            raise ValueError(
+                f"attention_row probes softmax attention; this layer uses {self.cfg.attention!r}"
+            )
         b, t, _ = x.shape
         kw = {"key_mask": key_mask, "scale": self.probe_scale, "softcap": self.probe_softcap}
         k = apply_positions(self.k(x), positions, self.cfg)

@@ -81,6 +81,7 @@ class LanguageConfig(DictMixin):
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     attention: str = "softmax"
+    layer_attention: tuple[str, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -126,15 +127,49 @@ class LanguageConfig(DictMixin):
                 f"LanguageConfig.attention={self.attention!r}: expected a spec string"
             )
         registry.parse_spec(self.attention)
+        if isinstance(self.layer_attention, str) or not isinstance(
+            self.layer_attention, (tuple, list)
+        ):
+            raise ValueError(
+                f"LanguageConfig.layer_attention={self.layer_attention!r}: expected a tuple of "
+                f"spec strings, one per layer ({self.depth}), or () for `attention` everywhere"
+            )
+        object.__setattr__(self, "layer_attention", tuple(self.layer_attention))
+        if self.layer_attention:
+            if len(self.layer_attention) != self.depth:
+                raise ValueError(
+                    f"LanguageConfig.layer_attention has {len(self.layer_attention)} entries: "
+                    f"expected one per layer (depth={self.depth})"
+                )
+            for spec in self.layer_attention:
+                if not isinstance(spec, str):
+                    raise ValueError(  # noqa: TRY004
+                        f"LanguageConfig.layer_attention entry {spec!r}: expected a spec string"
+                    )
+                registry.parse_spec(spec)
         # The block config validates rope (theta, scaling, sections), norm_eps and head_dim.
         block = self.block_config()
         object.__setattr__(self, "rope_theta", block.rope_theta)
         object.__setattr__(self, "rope_scaling", block.rope_scaling)
         object.__setattr__(self, "norm_eps", block.norm_eps)
 
-    def block_config(self) -> BlockConfig:
-        """The config of every decoder block (RMSNorm, SwiGLU; biases as ``qkv_bias``,
-        ``out_bias``, ``mlp_bias``)."""
+    def layer_specs(self) -> tuple[str, ...]:
+        """The attention spec of every layer (``layer_attention``, else ``attention``)."""
+        return self.layer_attention or (self.attention,) * self.depth
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Layers whose attention variant keeps a recurrent state instead of keys/values."""
+        out = []
+        for i, spec in enumerate(self.layer_specs()):
+            name, _ = registry.parse_spec(spec)
+            if getattr(registry.ATTENTION.get(name).factory, "recurrent", False):
+                out.append(i)
+        return tuple(out)
+
+    def block_config(self, layer: int | None = None) -> BlockConfig:
+        """The config of decoder block ``layer`` (RMSNorm, SwiGLU; biases as ``qkv_bias``,
+        ``out_bias``, ``mlp_bias``); ``layer=None`` uses ``attention``."""
         return BlockConfig(
             dim=self.width,
             num_heads=self.heads,
@@ -146,7 +181,7 @@ class LanguageConfig(DictMixin):
             rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
             mrope_sections=self.mrope_sections,
-            attention=self.attention,
+            attention=self.attention if layer is None else self.layer_specs()[layer],
             embed_axis="embed",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -218,9 +253,10 @@ def _run_block(block, x: jax.Array, state: LayerState, layer_cache, parts: bool 
         q_offset = None
         if state.lengths is not None:
             spec = spec & masks_lib.padding(state.lengths)
-    else:
+    else:  # the keys of padding tokens are written but never attended (nor absorbed by a
+        # recurrent state); later tokens overwrite their slots
         q_offset = layer_cache.length
-        spec = spec & masks_lib.padding(q_offset + cur_t)
+        spec = spec & masks_lib.padding(q_offset + (cur_t if state.lengths is None else state.lengths))
     if state.mask is not None:
         spec = spec & state.mask
     if parts:
@@ -267,8 +303,9 @@ class LanguageModel(nnx.Module):
         self.cfg = cfg
         dtype, pdtype = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-        block_cfg = cfg.block_config()
-        self.blocks = nnx.List([TransformerBlock(block_cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [TransformerBlock(cfg.block_config(i), rngs=rngs) for i in range(cfg.depth)]
+        )
         self.norm = RMSNorm(cfg.width, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype)
         self.lm_head = (
             None
@@ -284,6 +321,20 @@ class LanguageModel(nnx.Module):
         )
 
     # -- pieces ------------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, capacity: Any, dtype: Any = None) -> KVCache:
+        """An empty cache with one entry per layer: a ``LayerCache`` of ``capacity`` slots (an
+        int, or one per layer), or
+        a fixed-size ``RecurrentCache`` for linear-attention layers. ``dtype``: key/value
+        storage (default the compute dtype)."""
+        caps = tuple(capacity) if isinstance(capacity, (tuple, list)) else (capacity,) * len(self.blocks)
+        if len(caps) != len(self.blocks):
+            raise ValueError(
+                f"capacity has {len(caps)} entries: expected an int or one per layer "
+                f"({len(self.blocks)})"
+            )
+        layers = tuple(blk.attn.init_cache(batch, c, dtype) for blk, c in zip(self.blocks, caps))
+        return KVCache(layers=layers, positions=jnp.zeros((batch,), jnp.int32))
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """``tokens [B, T]`` int -> embeddings ``[B, T, D]`` in the compute dtype."""

@@ -410,5 +410,25 @@ def softmax(impl: str = "auto", softcap: float | None = None, scale: float | Non
     return attend
 
 
+@registry.ATTENTION.register(
+    "sliding_window", paper="Beltagy et al. 2020, Longformer; BASED / Mistral sliding windows"
+)
+def sliding_window_attention(
+    window: int = 64, impl: str = "auto", softcap: float | None = None, scale: float | None = None
+):
+    """Softmax attention over the last ``window`` keys (the query's own included)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window: window={window!r}: expected an int >= 1")
+    base = softmax(impl=impl, softcap=softcap, scale=scale)
+    window_mask = masks_lib.sliding_window(window - 1, 0)
+
+    def attend(q, k, v, *, mask=None, q_offset=None):
+        return base(q, k, v, mask=window_mask & mask, q_offset=q_offset)
+
+    attend.__name__ = f"sliding_window_{window}_{impl}"
+    attend.window = window
+    return attend
+
+
 # The Pallas kernels register "pallas" and "interpret" (after cuDNN in the "auto" order).
 from efficient_mllm.ops import pallas_attention as _pallas_attention  # noqa: E402,F401

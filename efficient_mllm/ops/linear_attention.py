@@ -56,6 +56,7 @@ import numpy as np
 __all__ = [
     "FEATURE_MAPS",
     "FORMS",
+    "IMPLS",
     "NORMALIZERS",
     "LinearAttentionState",
     "elu_plus_one",
@@ -70,6 +71,7 @@ __all__ = [
 ]
 
 FORMS = ("parallel", "chunked", "recurrent")
+IMPLS = ("xla", "pallas", "interpret", "auto")
 NORMALIZERS = ("none", "divisive")
 _HI = jax.lax.Precision.HIGHEST
 
@@ -200,8 +202,8 @@ def _check_qkv(q, k, v, *, causal):
         raise ValueError(f"q heads {nq}: expected a multiple of the kv heads {k.shape[2]} (GQA)")
 
 
-def _features(q, k, feature_map, feature_kwargs, scale):
-    """phi(q) * scale as [B, Nkv, G, T, F] and phi(k) as [B, Nkv, 1, T, F], float32."""
+def mapped_features(q, k, feature_map, feature_kwargs, scale):
+    """``(phi(q) * scale, phi(k))`` float32 in the input layout ``[B, T, N, F]``, checked."""
     if isinstance(feature_map, str):
         if feature_map not in FEATURE_MAPS:
             raise ValueError(
@@ -231,6 +233,12 @@ def _features(q, k, feature_map, feature_kwargs, scale):
             f"feature_map={feature_map!r} gave {tuple(fq.shape)} for q {tuple(q.shape)} and "
             f"{tuple(fk.shape)} for k {tuple(k.shape)}: expected [B, T, N, F] with one F"
         )
+    return fq, fk
+
+
+def _features(q, k, feature_map, feature_kwargs, scale):
+    """phi(q) * scale as [B, Nkv, G, T, F] and phi(k) as [B, Nkv, 1, T, F], float32."""
+    fq, fk = mapped_features(q, k, feature_map, feature_kwargs, scale)
     b, t, nq, f = fq.shape
     nkv = k.shape[2]
     fq = fq.reshape(b, t, nkv, nq // nkv, f).transpose(0, 2, 3, 1, 4)
@@ -434,6 +442,7 @@ def linear_attention(
     chunk_size: int = 64,
     initial_state: LinearAttentionState | None = None,
     return_state: bool = False,
+    impl: str = "xla",
 ):
     """Causal linear attention.
 
@@ -448,6 +457,10 @@ def linear_attention(
       normalizer: ``"none"`` or ``"divisive"`` (module docstring: behaviour when ``den ~ 0``).
       scale: multiplies ``phi(q)``. form: one of :data:`FORMS`. chunk_size: static int >= 1.
       initial_state / return_state: continue from / also return a :class:`LinearAttentionState`.
+      impl: ``"xla"`` (the ``form`` above), ``"pallas"`` (the chunked Pallas kernel of the
+        backend, ``chunk_size`` its chunk), ``"interpret"`` (the GPU kernel in the Pallas
+        interpreter) or ``"auto"`` (``"pallas"`` on GPU/TPU, else ``"xla"``); see
+        :mod:`efficient_mllm.ops.pallas_linear_attention`.
 
     Returns:
       out [B, T, Nq, dv] in q.dtype, and the final state when ``return_state``.
@@ -463,6 +476,18 @@ def linear_attention(
     ):
         raise ValueError(f"chunk_size={chunk_size!r}: expected a static int >= 1")
     _check_decay_values(log_decay)
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if impl != "xla":
+        from efficient_mllm.ops import pallas_linear_attention as _kernels
+
+        return _kernels.linear_attention(
+            q, k, v, log_decay, feature_kwargs, initial_state, eps, scale,
+            feature_map=feature_map, normalizer=normalizer, chunk_size=int(chunk_size),
+            return_state=bool(return_state), impl=impl,
+        )
     return _linear_attention(
         q,
         k,
