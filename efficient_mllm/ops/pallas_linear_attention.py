@@ -94,8 +94,11 @@ def linear_attention(
         )
         out = out[:, None]
     else:
+        # Chunks are a tiling, not semantics: the GPU kernel needs a power of two >= 16 (the
+        # TPU kernel rounds up to a multiple of 128 itself).
+        chunk = max(16, 1 << (chunk_size - 1).bit_length())
         out, s = mod.chunked_linear_attention(
-            fq, fk, vv, g, initial_state=s0, return_final_state=True, chunk_size=chunk_size,
+            fq, fk, vv, g, initial_state=s0, return_final_state=True, chunk_size=chunk,
             interpret=interpret,
         )
     out = out.astype(jnp.float32)

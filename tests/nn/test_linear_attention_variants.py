@@ -156,7 +156,9 @@ def _lm(spec, layer_attention=(), dtype="float32", seed=0):
     return LanguageModel(cfg, rngs=nnx.Rngs(seed))
 
 
-@pytest.mark.parametrize("spec", SPECS + ["sliding_window(window=3)"])
+@pytest.mark.parametrize(
+    "spec", SPECS + ["sliding_window(window=3)", "based(feature_dim=4, impl='interpret')"]
+)
 def test_padded_prefill_then_decode_matches_full_forward(spec):
     model = _lm(spec)
     tok = jax.random.randint(jax.random.key(3), (2, 12), 1, 29)
