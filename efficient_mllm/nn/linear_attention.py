@@ -115,7 +115,7 @@ class LinearAttention(nnx.Module):
         output: str = "none",
         window: int | None = None,
         chunk_size: int = 64,
-        impl: str = "xla",
+        impl: str = "auto",
         eps: float = 1e-6,
     ):
         for arg, value, allowed in (

@@ -459,7 +459,8 @@ def linear_attention(
       initial_state / return_state: continue from / also return a :class:`LinearAttentionState`.
       impl: ``"xla"`` (the ``form`` above), ``"pallas"`` (the chunked Pallas kernel of the
         backend, ``chunk_size`` its chunk), ``"interpret"`` (the GPU kernel in the Pallas
-        interpreter) or ``"auto"`` (``"pallas"`` on GPU/TPU, else ``"xla"``); see
+        interpreter) or ``"auto"`` (``"pallas"`` on GPU/TPU for T > 1, else ``"xla"``: the XLA
+        one-token update beat the step kernel on the H200, 8 vs 21 us at batch 1); see
         :mod:`efficient_mllm.ops.pallas_linear_attention`.
 
     Returns:
@@ -478,8 +479,9 @@ def linear_attention(
     _check_decay_values(log_decay)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if impl == "auto":  # one-token steps: XLA's fused update measured faster (BENCHMARKS.md)
+        on_device = jax.default_backend() in ("gpu", "tpu")
+        impl = "pallas" if on_device and q.shape[1] > 1 else "xla"
     if impl != "xla":
         from efficient_mllm.ops import pallas_linear_attention as _kernels
 
