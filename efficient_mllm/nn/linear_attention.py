@@ -22,9 +22,10 @@ performer      FAVOR+ positive random features (fixed projection), divisive (Cho
 ssd            Mamba-2 SSD as attention: data-dependent decay ``-exp(A_log) softplus(x W_dt + b)``
                per kv head, keys scaled by ``dt``, skip ``D v``, gated RMSNorm (Dao & Gu 2024;
                mmMamba's quadratic-to-linear seeding maps q->C, k->B, v->x)
-linear_swa     LoLCATs hybrid: exact softmax over the last ``window`` keys and a Taylor or
-               Hedgehog linear term over all older keys, one shared normaliser with a learned
-               per-head weight on the linear part (Zhang et al. 2025, LoLCATs; BASED's window)
+linear_swa     LoLCATs hybrid: exact softmax over the last ``window`` keys (max-subtracted,
+               weighted by a learned per-head ``sigmoid`` factor) and a Taylor or Hedgehog
+               linear term over all older keys, one shared normaliser (Zhang et al. 2025,
+               LoLCATs; BASED's window)
 =============  =================================================================================
 
 Not implemented (said per variant): TransNormerLLM's LRPE and per-layer slope scaling (pass
@@ -51,7 +52,6 @@ from efficient_mllm.kvcache.cache import LayerCache, RecurrentCache
 from efficient_mllm.nn.layers import Linear, _rng_key
 from efficient_mllm.ops import linear_attention as la
 from efficient_mllm.ops import masks as masks_lib
-from efficient_mllm.ops.attention import dot_product_attention
 
 __all__ = ["LinearAttention", "FixedRandom"]
 
@@ -383,22 +383,40 @@ class LinearAttention(nnx.Module):
         return self._finish(out.astype(jnp.float32), v, x).astype(q.dtype), new_cache
 
     def _hybrid(self, q, k, v, cache, start, n_new):
-        """LoLCATs: softmax over keys ``(p - window, p]``, linear over keys ``<= p - window``."""
-        b, t, _, h = q.shape
-        w = self.window
+        """LoLCATs: softmax over keys ``(p - window, p]``, linear over keys ``<= p - window``::
+
+            o_p = (f sum_win exp(s_j - m_p) v_j + sum_old phi(q).phi(k_j) v_j) / (same, v = 1)
+
+        with ``s_j = q.k_j / sqrt(H)``, ``m_p`` the largest window logit of the row and
+        ``f = sigmoid(window_factor)`` per head (LoLCATs' quadratic hybrid). The window is a band
+        gathered per query (memory ``O(T * window)``, no T x T map).
+        """
+        b, t, nq, h = q.shape
+        nkv, w = k.shape[2], self.window
         if cache is None:
             keys, values, kv = k, v, None
         else:  # the window cache's slots follow the layer's length (padding slots are reused)
             kv = cache.kv.replace(length=cache.length).append(k, v)
             keys, values = kv.k.astype(q.dtype), kv.v.astype(q.dtype)
-        spec = masks_lib.causal() & masks_lib.sliding_window(w - 1) & masks_lib.padding(start + n_new)
-        o_win, lse = dot_product_attention(
-            q, keys, values, mask=spec, q_offset=None if cache is None else start,
-            return_lse=True, impl="auto",
-        )
-        # Keys leaving the window: slot start + i - w enters the linear state at row i.
-        slot = start[:, None] + jnp.arange(t)[None, :] - w  # [B, T]
-        ok = (slot >= 0) & (jnp.arange(t)[None, :] < n_new[:, None])
+        rows = jnp.arange(t)[None, :]
+        valid_q = rows < n_new[:, None]  # [B, T]
+        # Window band: key slot p - j (j = 0 .. w-1) for the query at slot p = start + row.
+        band = start[:, None, None] + rows[..., None] - jnp.arange(w)[None, None, :]  # [B, T, w]
+        in_band = (band >= 0) & valid_q[..., None]
+        idx = jnp.clip(band, 0, keys.shape[1] - 1).reshape(b, t * w)[..., None, None]
+        kw = jnp.take_along_axis(keys, idx, axis=1).reshape(b, t, w, nkv, h)
+        vw = jnp.take_along_axis(values, idx, axis=1).reshape(b, t, w, nkv, h)
+        qg = q.astype(jnp.float32).reshape(b, t, nkv, nq // nkv, h)
+        logits = jnp.einsum("btkgh,btwkh->btkgw", qg, kw.astype(jnp.float32)) * h**-0.5
+        logits = jnp.where(in_band[:, :, None, None, :], logits, -jnp.inf)
+        m = jnp.max(logits, -1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no key (padding queries)
+        p = jnp.exp(logits - m)
+        win_num = jnp.einsum("btkgw,btwkh->btkgh", p, vw.astype(jnp.float32)).reshape(b, t, nq, h)
+        win_den = p.sum(-1).reshape(b, t, nq)
+        # Keys leaving the window: slot p - w enters the linear state at the query of slot p.
+        slot = start[:, None] + rows - w  # [B, T]
+        ok = (slot >= 0) & valid_q
         idx = jnp.clip(slot, 0, keys.shape[1] - 1)[..., None, None]
         k_old = jnp.take_along_axis(keys, idx, axis=1)
         v_old = jnp.take_along_axis(values, idx, axis=1).astype(jnp.float32)
@@ -413,16 +431,10 @@ class LinearAttention(nnx.Module):
         )
         lin, state = (res, None) if cache is None else res
         lin = lin.astype(jnp.float32)
-        num, den = lin[..., :h], lin[..., h]  # [B, T, Nq, H], [B, T, Nq]
-        factor = jax.nn.sigmoid(self.window_factor[...].astype(jnp.float32))  # [Nq]
-        a = jnp.swapaxes(lse, 1, 2)  # [B, T, Nq]; finite: a valid query sees itself
-        a = jnp.where(jnp.isfinite(a), a, 0.0)
-        c = jnp.maximum(a, 0.0)
-        ew = jnp.exp(a - c)
-        lin_w = factor * jnp.exp(-c)
-        out = (o_win.astype(jnp.float32) * ew[..., None] + lin_w[..., None] * num) / (
-            ew + lin_w * den
-        )[..., None]
+        factor = jax.nn.sigmoid(self.window_factor[...].astype(jnp.float32))[:, None]  # [Nq, 1]
+        num = factor * win_num + lin[..., :h]
+        den = factor[:, 0] * win_den + lin[..., h]
+        out = num / jnp.where(den > 0, den, 1.0)[..., None]
         new_cache = None if cache is None else cache.replace(state=state, kv=kv)
         return out, new_cache
 

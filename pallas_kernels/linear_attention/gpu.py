@@ -99,6 +99,24 @@ def _auto_tile(n: int, cap: int = 128) -> int:
     return min(cands, key=lambda t: (_round_up(n, t), -t))
 
 
+# The state kernels walk the chunks sequentially: one program per (F tile, dv tile, b, h).
+# With few sequences x heads (batch 1 at long T) 64x64 tiles leave most SMs idle, so the default
+# tiles shrink (dv first, then F, down to 32) until there are about this many programs.
+_MIN_STATE_PROGRAMS = 256
+
+
+def _state_tiles(seq_heads: int, f: int, dv: int, bf: int, bv: int) -> tuple[int, int]:
+    def programs(bf, bv):
+        return seq_heads * (-(-f // bf)) * (-(-dv // bv))
+
+    while programs(bf, bv) < _MIN_STATE_PROGRAMS and max(bf, bv) > 32:
+        if bv >= bf:
+            bv //= 2
+        else:
+            bf //= 2
+    return bf, bv
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False):
     """float32-accumulating matmul; full precision for float32 operands."""
     prec = lax.Precision.HIGHEST if a.dtype == F32 else None
@@ -571,8 +589,8 @@ def chunked_linear_attention(
     block_v_bwd=None,
     num_warps=4,
     num_stages=2,
-    num_warps_state=4,
-    num_stages_state=2,
+    num_warps_state=8,
+    num_stages_state=3,
     num_warps_bwd=4,
     num_stages_bwd=2,
     state_dtype=None,
@@ -586,9 +604,10 @@ def chunked_linear_attention(
       scale: multiplies ``q``. chunk_size: power of two >= 16 (tokens per chunk).
       block_f, block_v: the output kernel's F tile (looped) and dv tile (per program); default:
         a power of two <= 128 covering F / dv with little padding.
-      block_f_state, block_v_state: tiles of the sequential state kernels (default <= 64).
+      block_f_state, block_v_state: tiles of the sequential state kernels (default <= 64,
+        smaller when batch x heads is small: ``_state_tiles``).
       block_f_bwd, block_v_bwd: tiles of the dq/dk (per F tile) and dv (per dv tile) kernels
-        (default <= 64). All tiles are powers of two >= 16; F and dv are padded to the largest.
+        (default: block_f and <= 64). Defaults follow the H200 sweep (BENCHMARKS.md). All tiles are powers of two >= 16; F and dv are padded to the largest.
       num_warps*, num_stages*: Triton knobs of the output, state and gradient kernels.
       state_dtype: dtype of the stored per-chunk states and state cotangents; None: the
         inputs' dtype (lossless, see the module docstring), or float32 / bfloat16 / float16.
@@ -623,15 +642,16 @@ def chunked_linear_attention(
     chunk = min(int(chunk_size), max(16, _next_pow2(t)))
     block_f = _check_tile("block_f", block_f, _auto_tile(f))
     block_v = _check_tile("block_v", block_v, _auto_tile(dv))
+    state_f, state_v = _state_tiles(bsz * h, f, dv, min(64, block_f), min(64, block_v))
     cfg = _Cfg(
         scale=_check_scale(scale),
         chunk=chunk,
         nc=-(-t // chunk),
         block_f=block_f,
         block_v=block_v,
-        block_f_state=_check_tile("block_f_state", block_f_state, min(64, block_f)),
-        block_v_state=_check_tile("block_v_state", block_v_state, min(64, block_v)),
-        block_f_bwd=_check_tile("block_f_bwd", block_f_bwd, min(64, block_f)),
+        block_f_state=_check_tile("block_f_state", block_f_state, state_f),
+        block_v_state=_check_tile("block_v_state", block_v_state, state_v),
+        block_f_bwd=_check_tile("block_f_bwd", block_f_bwd, block_f),
         block_v_bwd=_check_tile("block_v_bwd", block_v_bwd, min(64, block_v)),
         num_warps=_check_positive("num_warps", num_warps),
         num_stages=_check_positive("num_stages", num_stages),

@@ -13,7 +13,7 @@ from efficient_mllm.train.config import apply_overrides, load_config
 from efficient_mllm.train.loop import resolve_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = ["quickstart", "shapes_vqa_base", "digit_grid", "mqar"]
+CONFIGS = ["quickstart", "shapes_vqa_base", "digit_grid", "mqar", "lolcats"]
 
 
 def _path(name):

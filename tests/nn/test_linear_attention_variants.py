@@ -89,12 +89,15 @@ def reference(m, q, k, v, x):
             if m.window is not None:
                 fac = 1 / (1 + np.exp(-_np(m.window_factor[...])[h]))
                 for i in range(t):
+                    win = range(max(0, i - m.window + 1), i + 1)
+                    logit = {s: q[bi, i, h] @ k[bi, s, j] / np.sqrt(hd) for s in win}
+                    top = max(logit.values())
                     num, den = np.zeros(hd), 0.0
                     for s in range(i + 1):
-                        if s > i - m.window:
-                            wgt = np.exp(q[bi, i, h] @ k[bi, s, j] / np.sqrt(hd))
+                        if s in logit:  # LoLCATs: factor * exp(logit - row max of the window)
+                            wgt = fac * np.exp(logit[s] - top)
                         else:
-                            wgt = fac * fq[bi, i, h] @ fk[bi, s, j]
+                            wgt = fq[bi, i, h] @ fk[bi, s, j]
                         num, den = num + wgt * v[bi, s, j], den + wgt
                     out[bi, i, h] = num / den
                 continue
