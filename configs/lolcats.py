@@ -16,11 +16,11 @@ COMMAND:
         --workdir runs/lolcats_hedgehog --config.linearize.variant="hedgehog(feature_dim=32)"
     # the whole thing on the GPU machine: bash experiments/gpu_lolcats.sh
 
-EXPECTED (measured on the shared 2-core CPU machine, 2000-step quickstart teacher at 73.6%
-exact match, answer NLL 0.290, 500 validation questions; about 2 minutes): the default variant
-gives 70.4% exact match (NLL 0.346) with the copied weights, 70.4% (0.330) after attention
-transfer and 71.6% (0.292) after LoRA; pure ``hedgehog(feature_dim=32)`` 20.0% -> 71.8% ->
-72.8%. The other variants are in experiments/linearize.py's docstring.
+EXPECTED (measured on an H200 by experiments/gpu_lolcats.sh, benchmarks/lolcats_quickstart.md;
+2000-step quickstart teacher at 73.6% exact match, 500 validation questions): the default variant
+gives 62.0% exact match with the copied weights, 73.0% after attention transfer and 73.4% after
+LoRA; pure ``hedgehog(feature_dim=32)`` 20.4% -> 72.2% -> 73.0%. The other variants are in
+experiments/linearize.py's docstring.
 """
 
 import os
