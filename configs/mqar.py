@@ -34,7 +34,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         dict(
             language=dict(vocab_size=0, width=128, depth=2, heads=4, mlp_dim=256,
-                          attention=attention),
+                          attention=attention, layer_attention=()),
             vision=ml_collections.FieldReference(None, field_type=dict),
             image_token_id=ml_collections.FieldReference(None, field_type=int),
         )

@@ -81,3 +81,14 @@ def test_mqar_config_takes_attention_by_name():
     cfg = load_config(_path("mqar"), arg="softmax(impl='xla')")
     assert cfg.model.language.attention == "softmax(impl='xla')"
     assert cfg.model.vision is None
+
+
+def test_mqar_hybrid_stack_is_one_override():
+    cfg = _parse(["prog", f"--config={_path('mqar')}",
+                  "--config.model.language.layer_attention=('linear_swa(window=64)', 'softmax')"])
+    from efficient_mllm.nn.language import LanguageConfig
+
+    lang = dict(cfg.model.language, vocab_size=128)
+    lc = LanguageConfig.from_dict(lang)
+    assert lc.layer_specs() == ("linear_swa(window=64)", "softmax")
+    assert lc.recurrent_layers == (0,)
