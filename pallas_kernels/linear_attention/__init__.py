@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_args", "check_step_args", "decay_per_token"]
+__all__ = ["check_args", "check_float", "check_scale", "check_step_args", "decay_per_token"]
 
 
 def _shape(x):
@@ -79,3 +79,21 @@ def decay_per_token(g, shape):
     if g is None:
         return jnp.zeros(shape, jnp.float32)
     return jnp.broadcast_to(jnp.asarray(g, jnp.float32), shape)
+
+
+def check_float(**arrays):
+    """Every given (non-None) array has a floating dtype."""
+    for name, x in arrays.items():
+        if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"{name} dtype {jnp.result_type(x)}: expected a floating dtype")
+
+
+def check_scale(scale) -> float:
+    """A static finite Python number."""
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float, np.integer, np.floating))
+        or not np.isfinite(scale)
+    ):
+        raise ValueError(f"scale={scale!r}: expected a static finite number")
+    return float(scale)

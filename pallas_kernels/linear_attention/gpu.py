@@ -54,7 +54,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.linear_attention import check_args, check_step_args, decay_per_token
+from pallas_kernels.linear_attention import (
+    check_args,
+    check_float,
+    check_scale,
+    check_step_args,
+    decay_per_token,
+)
 
 __all__ = ["chunked_linear_attention", "linear_attention_step"]
 
@@ -558,19 +564,6 @@ def _check_positive(name, value):
     return int(value)
 
 
-def _check_scale(scale):
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise ValueError(f"scale={scale!r}: expected a finite Python number")
-    if not np.isfinite(scale):
-        raise ValueError(f"scale={scale!r}: expected a finite Python number")
-    return float(scale)
-
-
-def _check_float(name, x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise ValueError(f"{name} dtype {jnp.result_type(x)}: expected a floating dtype")
-
-
 def chunked_linear_attention(
     q,
     k,
@@ -618,12 +611,7 @@ def chunked_linear_attention(
       ``return_final_state``. Differentiable in q, k, v, g and initial_state.
     """
     bsz, t, h, f, dv = check_args(q, k, v, g, initial_state, chunk_size)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, x)
-    if g is not None:
-        _check_float("g", g)
-    if initial_state is not None:
-        _check_float("initial_state", initial_state)
+    check_float(q=q, k=k, v=v, g=g, initial_state=initial_state)
     if t < 1:
         raise ValueError(f"q shape {tuple(q.shape)}: expected at least one token (T >= 1)")
     if chunk_size & (chunk_size - 1):
@@ -644,7 +632,7 @@ def chunked_linear_attention(
     block_v = _check_tile("block_v", block_v, _auto_tile(dv))
     state_f, state_v = _state_tiles(bsz * h, f, dv, min(64, block_f), min(64, block_v))
     cfg = _Cfg(
-        scale=_check_scale(scale),
+        scale=check_scale(scale),
         chunk=chunk,
         nc=-(-t // chunk),
         block_f=block_f,
@@ -759,10 +747,7 @@ def linear_attention_step(
     memory-bound step) and loops over F. Returns ``(o [B, H, dv] in q.dtype, new_state float32)``; forward only.
     """
     _, _, f, dv = check_step_args(q, k, v, g, state)
-    for name, x in (("q", q), ("k", k), ("v", v), ("state", state)):
-        _check_float(name, x)
-    if g is not None:
-        _check_float("g", g)
+    check_float(q=q, k=k, v=v, g=g, state=state)
     bf = _check_tile("block_f", block_f, min(64, max(16, _next_pow2(f))))
     bv = _check_tile("block_v", block_v, min(32, max(16, _next_pow2(dv))))
     return _step(
@@ -771,7 +756,7 @@ def linear_attention_step(
         v,
         g,
         state,
-        scale=_check_scale(scale),
+        scale=check_scale(scale),
         bf=bf,
         bv=bv,
         num_warps=_check_positive("num_warps", num_warps),

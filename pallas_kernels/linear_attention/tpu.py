@@ -65,7 +65,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention import check_args, check_step_args, decay_per_token
+from pallas_kernels.linear_attention import (
+    check_args,
+    check_float,
+    check_scale,
+    check_step_args,
+    decay_per_token,
+)
 
 __all__ = ["chunked_linear_attention", "linear_attention_step"]
 
@@ -414,18 +420,6 @@ def _interpret_params(interpret):
     raise ValueError(f"interpret={interpret!r}: expected a bool or pltpu.InterpretParams")
 
 
-def _check_float(**arrays):
-    for name, x in arrays.items():
-        if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise ValueError(f"{name} dtype {jnp.result_type(x)}: expected a floating dtype")
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
-        raise ValueError(f"scale={scale!r}: expected a static finite number")
-    return float(scale)
-
-
 def _compute_dtype(*xs):
     """bf16 MXU path when every operand is bf16, else fp32 (fp16 included: no fp16 MXU path)."""
     return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else _F32
@@ -461,7 +455,7 @@ def chunked_linear_attention(
     Differentiable in q, k, v, g and initial_state.
     """
     b, t, h, f, dv = check_args(q, k, v, g, initial_state, chunk_size)
-    _check_float(q=q, k=k, v=v, g=g, initial_state=initial_state)
+    check_float(q=q, k=k, v=v, g=g, initial_state=initial_state)
     if t < 1:
         raise ValueError(f"q shape {tuple(q.shape)}: expected at least one token (T >= 1)")
     c = min(_round_up(int(chunk_size), LANES), _round_up(t, LANES))
@@ -470,7 +464,7 @@ def chunked_linear_attention(
     dvt = _dv_tile(dvp, fp)
     dtype = _compute_dtype(q, k, v)
     cfg = _Cfg(
-        scale=_check_scale(scale),
+        scale=check_scale(scale),
         chunk=c,
         nc=tp // c,
         fp=fp,
@@ -575,13 +569,13 @@ def linear_attention_step(q, k, v, g, state, *, scale=1.0, interpret=False):
     q.dtype, new_state float32)``. Forward only.
     """
     b, h, _, _ = check_step_args(q, k, v, g, state)
-    _check_float(q=q, k=k, v=v, g=g, state=state)
+    check_float(q=q, k=k, v=v, g=g, state=state)
     return _step(
         q,
         k,
         v,
         decay_per_token(g, (b, h)),
         state,
-        scale=_check_scale(scale),
+        scale=check_scale(scale),
         interpret=_interpret_params(interpret),
     )
