@@ -218,3 +218,17 @@ def check_attention_args(q, k, v, block_map, mask_fn, row_features, col_features
     if (rowf.shape[1] or colf.shape[1]) and mask_fn is None:
         raise ValueError("row_features / col_features were given without a mask_fn")
     return block_map, rowf, colf
+
+
+def tpu_interpret_params(interpret):
+    """``interpret`` of the Mosaic TPU kernels: True -> ``pltpu.InterpretParams()`` (TPU interpret
+    mode on CPU), False/None -> False, or given ``InterpretParams``."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    if interpret is True:
+        return pltpu.InterpretParams()
+    if interpret is False or interpret is None:
+        return False
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    raise ValueError(f"interpret={interpret!r}: expected a bool or pltpu.InterpretParams")

@@ -537,16 +537,6 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, pad)
 
 
-def _interpret_params(interpret):
-    if interpret is True:
-        return pltpu.InterpretParams()
-    if interpret is False or interpret is None:
-        return False
-    if isinstance(interpret, pltpu.InterpretParams):
-        return interpret
-    raise ValueError(f"interpret must be a bool or pltpu.InterpretParams, got {interpret!r}")
-
-
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -621,7 +611,7 @@ def flash_attention(
         nfc=colf.shape[1],
         mask_fn=mask_fn,
         exact=any(x.dtype == jnp.float32 for x in (q, k, v)),
-        interpret=_interpret_params(interpret),
+        interpret=common.tpu_interpret_params(interpret),
     )
     out, lse = _flash(cfg, qp, kp, vp, packed, rowf, colf)
     return jnp.swapaxes(out[:, :, :tq], 1, 2), lse[:, :, 0, :tq]

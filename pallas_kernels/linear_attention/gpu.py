@@ -159,6 +159,31 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, warps, stages, name
 # ------------------------------------------------------------------------------------------------
 
 
+def _sequential_call(cfg: _Cfg, kernel, in_specs, shape, name):
+    """The chunk-sequential state kernels (forward states, backward state cotangents): grid
+    (dv tile, F tile, B, H); outputs every chunk's state [B, H, NC, F, dv] (``state_dtype``)
+    and the last one float32 [B, H, F, dv]."""
+    bsz, h, fp, dvp = shape
+    nc, bf, bv = cfg.nc, cfg.block_f_state, cfg.block_v_state
+    return _call(
+        kernel,
+        (dvp // bv, fp // bf, bsz, h),
+        in_specs,
+        [
+            pl.BlockSpec((None, None, nc, bf, bv), lambda vi, fi, b, hh: (b, hh, 0, fi, vi)),
+            pl.BlockSpec((None, None, bf, bv), lambda vi, fi, b, hh: (b, hh, fi, vi)),
+        ],
+        [
+            jax.ShapeDtypeStruct((bsz, h, nc, fp, dvp), jnp.dtype(cfg.state_dtype)),
+            jax.ShapeDtypeStruct((bsz, h, fp, dvp), F32),
+        ],
+        cfg,
+        cfg.num_warps_state,
+        cfg.num_stages_state,
+        name,
+    )
+
+
 def _states_kernel(*refs, c, nc, decay, has_init):
     refs = list(refs)
     k_ref, v_ref = refs.pop(0), refs.pop(0)
@@ -200,23 +225,7 @@ def _states(cfg: _Cfg, k, v, g, s0):
         in_specs.append(pl.BlockSpec((None, None, bf, bv), lambda vi, fi, b, hh: (b, hh, fi, vi)))
         args.append(s0)
     kernel = functools.partial(_states_kernel, c=c, nc=nc, decay=decay, has_init=has_init)
-    return _call(
-        kernel,
-        (dvp // bv, fp // bf, bsz, h),
-        in_specs,
-        [
-            pl.BlockSpec((None, None, nc, bf, bv), lambda vi, fi, b, hh: (b, hh, 0, fi, vi)),
-            pl.BlockSpec((None, None, bf, bv), lambda vi, fi, b, hh: (b, hh, fi, vi)),
-        ],
-        [
-            jax.ShapeDtypeStruct((bsz, h, nc, fp, dvp), jnp.dtype(cfg.state_dtype)),
-            jax.ShapeDtypeStruct((bsz, h, fp, dvp), F32),
-        ],
-        cfg,
-        cfg.num_warps_state,
-        cfg.num_stages_state,
-        "linear_attn_states",
-    )(*args)
+    return _sequential_call(cfg, kernel, in_specs, (bsz, h, fp, dvp), "linear_attn_states")(*args)
 
 
 def _out_kernel(*refs, c, nf, bf, scale, decay):
@@ -340,23 +349,7 @@ def _dstates(cfg: _Cfg, q, do, g, dfinal):
     kernel = functools.partial(
         _dstates_kernel, c=c, nc=nc, scale=cfg.scale, decay=decay, has_final=has_final
     )
-    return _call(
-        kernel,
-        (dvp // bv, fp // bf, bsz, h),
-        in_specs,
-        [
-            pl.BlockSpec((None, None, nc, bf, bv), lambda vi, fi, b, hh: (b, hh, 0, fi, vi)),
-            pl.BlockSpec((None, None, bf, bv), lambda vi, fi, b, hh: (b, hh, fi, vi)),
-        ],
-        [
-            jax.ShapeDtypeStruct((bsz, h, nc, fp, dvp), jnp.dtype(cfg.state_dtype)),
-            jax.ShapeDtypeStruct((bsz, h, fp, dvp), F32),
-        ],
-        cfg,
-        cfg.num_warps_state,
-        cfg.num_stages_state,
-        "linear_attn_dstates",
-    )(*args)
+    return _sequential_call(cfg, kernel, in_specs, (bsz, h, fp, dvp), "linear_attn_dstates")(*args)
 
 
 def _dqk_kernel(*refs, c, nv, bv, scale, decay):

@@ -65,6 +65,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import tpu_interpret_params
 from pallas_kernels.linear_attention import (
     check_args,
     check_float,
@@ -410,16 +411,6 @@ _core.defvjp(_core_fwd, _core_bwd)
 # ------------------------------------------------------------------------------------------------
 
 
-def _interpret_params(interpret):
-    if interpret is True:
-        return pltpu.InterpretParams()
-    if interpret is False or interpret is None:
-        return False
-    if isinstance(interpret, pltpu.InterpretParams):
-        return interpret
-    raise ValueError(f"interpret={interpret!r}: expected a bool or pltpu.InterpretParams")
-
-
 def _compute_dtype(*xs):
     """bf16 MXU path when every operand is bf16, else fp32 (fp16 included: no fp16 MXU path)."""
     return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else _F32
@@ -472,7 +463,7 @@ def chunked_linear_attention(
         ndv=dvp // dvt,
         exact=dtype == _F32,
         has_s0=initial_state is not None,
-        interpret=_interpret_params(interpret),
+        interpret=tpu_interpret_params(interpret),
     )
     o, st = _apply(cfg, q, k, v, decay_per_token(g, (b, t, h)), initial_state)
     o = o.astype(q.dtype)
@@ -577,5 +568,5 @@ def linear_attention_step(q, k, v, g, state, *, scale=1.0, interpret=False):
         decay_per_token(g, (b, h)),
         state,
         scale=check_scale(scale),
-        interpret=_interpret_params(interpret),
+        interpret=tpu_interpret_params(interpret),
     )
