@@ -9,7 +9,9 @@ and non-causal, forward and forward+backward; then block-sparse layouts at densi
 density). Medians of timed runs after warm-up, inputs rotated over two buffers. Also checks the
 kernel against cuDNN / XLA on the GPU before timing. Writes ``bench_attention.json`` (device,
 versions, shapes, medians, ratios) to ``--out`` (default ``$OUT`` or ``benchmarks/``) and prints
-a table. Importable without ml_collections / grain.
+a table. Importable without ml_collections / grain. Sections ``mosaic`` / ``mosaic_sparse`` add
+the Mosaic GPU forward (``impl="mosaic"``: ``mosaic_*`` columns next to cuDNN and the Triton
+kernel, H 16, D 64 and 128); ``experiments/check_flash_mosaic.py`` runs them on their own.
 """
 
 from __future__ import annotations
@@ -246,6 +248,129 @@ def bench_library_path(log, quick, results):
             log(_fmt(row))
 
 
+# --- impl="mosaic": the Mosaic GPU forward (pallas_kernels/flash_attention/mosaic_gpu.py) ---------
+
+MOSAIC_CONFIGS = ((128, 128, 2), (128, 128, 3), (128, 64, 3))  # (block_q, block_k, num_stages)
+
+
+def mosaic_fn(causal, b, t, bq, bk, stages):
+    from pallas_kernels.flash_attention import mosaic_gpu
+
+    kw = causal_kwargs(b, t, bq, bk) if causal else dict(block_q=bq, block_k=bk)
+
+    def fwd(q, k, v):
+        return mosaic_gpu.flash_attention_forward(q, k, v, num_stages=stages, **kw)[0]
+
+    return jax.jit(fwd)
+
+
+def _best(row, prefix, fns, inputs, deadline):
+    """Times each (cfg, make_fn) into ``row[prefix + '_configs']``; the fastest to ``prefix_s``."""
+    for cfg, make in fns:
+        if deadline is not None and time.time() > deadline:
+            row.setdefault(f"{prefix}_errors", []).append(dict(cfg=cfg, error="skipped: time budget"))
+            continue
+        try:
+            s = timeit(make(), inputs)
+            row.setdefault(f"{prefix}_configs", []).append(dict(cfg=cfg, s=s))
+            if f"{prefix}_s" not in row or s < row[f"{prefix}_s"]:
+                row[f"{prefix}_s"], row[f"{prefix}_cfg"] = s, cfg
+        except Exception as e:  # noqa: BLE001
+            row.setdefault(f"{prefix}_errors", []).append(dict(cfg=cfg, error=str(e)[:300]))
+
+
+def bench_mosaic(log, quick, results, configs=MOSAIC_CONFIGS, heads=16, deadline=None):
+    """Forward only: cuDNN vs Triton-lowered Pallas vs the Mosaic GPU kernel, B*T = 32K, H heads."""
+    total = 32 * 1024
+    ts = [8192, 2048] if quick else [8192, 32768, 2048]  # most important first (time budget)
+    for t in ts:
+        for h in (128, 64):
+            b = max(1, total // t)
+            inputs = make_inputs(b, t, heads, h)
+            for causal in (True, False):
+                row = dict(kind="mosaic_dense", T=t, B=b, heads=heads, head_dim=h, causal=causal, pass_="fwd")
+                if deadline is not None and time.time() > deadline:
+                    row["error"] = "skipped: time budget"
+                    results.append(row)
+                    continue
+                try:
+                    row["cudnn_s"] = timeit(cudnn_fn(causal, False), inputs)
+                except Exception as e:  # noqa: BLE001
+                    row["cudnn_error"] = str(e)[:200]
+                tri = functools.partial(pallas_fn, causal, b, t, 128, 64, 4, 3, False)
+                _best(row, "pallas", [((128, 64, 4, 3), tri)], inputs, deadline)
+                mos = [(c, functools.partial(mosaic_fn, causal, b, t, *c)) for c in configs]
+                _best(row, "mosaic", mos, inputs, deadline)
+                fl = flops(b, heads, t, h, causal, False)
+                for impl in ("cudnn", "pallas", "mosaic"):
+                    if f"{impl}_s" in row:
+                        row[f"{impl}_tflops"] = fl / row[f"{impl}_s"] / 1e12
+                for impl in ("pallas", "mosaic"):
+                    if f"{impl}_s" in row and "cudnn_s" in row:
+                        row[f"{impl}_vs_cudnn"] = row["cudnn_s"] / row[f"{impl}_s"]
+                results.append(row)
+                log(_fmt(row))
+
+
+def bench_mosaic_sparse(log, quick, results, configs=MOSAIC_CONFIGS[:2], deadline=None):
+    """Forward block-sparse (random 128x128 layouts, diagonal kept) vs dense cuDNN: Triton vs Mosaic."""
+    from pallas_kernels.flash_attention import mosaic_gpu
+
+    total, h, n, g = 32 * 1024, 128, 16, 128
+    for t in ([16384] if quick else [16384, 32768]):
+        b = max(1, total // t)
+        inputs = make_inputs(b, t, n, h)
+        try:
+            dense = timeit(cudnn_fn(False, False), inputs)
+        except Exception as e:  # noqa: BLE001
+            dense = None
+            log(f"cudnn dense T={t} failed: {str(e)[:200]}")
+        for density in (0.5, 0.25, 0.1):
+            base = random_layout(b, n, t // g, density, 0)  # at 128x128 granularity
+            real = float(jnp.mean(base != common.EMPTY))
+            row = dict(kind="mosaic_block_sparse", T=t, B=b, heads=n, head_dim=h, density_target=density,
+                       density=real, pass_="fwd", cudnn_dense_s=dense)
+            if deadline is not None and time.time() > deadline:
+                row["error"] = "skipped: time budget"
+                results.append(row)
+                continue
+            tri = jax.jit(lambda q, k, v, bm: gpu.flash_attention(q, k, v, block_map=bm, block_q=128, block_k=64)[0])
+            bm64 = jnp.repeat(base, 2, axis=3)
+            _best(row, "pallas", [((128, 64, 4, 3), lambda tri=tri: tri)], [a + (bm64,) for a in inputs], deadline)
+            for bq, bk, st in configs:
+                bm = base if bk == g else jnp.repeat(base, g // bk, axis=3)
+                fn = lambda q, k, v, bm, bq=bq, bk=bk, st=st: mosaic_gpu.flash_attention_forward(
+                    q, k, v, block_map=bm, block_q=bq, block_k=bk, num_stages=st)[0]
+                _best(row, "mosaic", [((bq, bk, st), lambda fn=fn: jax.jit(fn))], [a + (bm,) for a in inputs], deadline)
+            for impl in ("pallas", "mosaic"):
+                if f"{impl}_s" in row:
+                    row[f"{impl}_tflops_effective"] = flops(b, n, t, h, False, False, real) / row[f"{impl}_s"] / 1e12
+                    if dense:
+                        row[f"{impl}_time_over_density_x_dense"] = row[f"{impl}_s"] / (real * dense)
+            results.append(row)
+            log(_fmt(row))
+
+
+def mosaic_table(results):
+    """Markdown summary lines of the mosaic_* rows."""
+    out = ["| T | D | causal | cudnn TF/s | triton TF/s | mosaic TF/s | mosaic/cudnn | mosaic cfg |",
+           "|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in results:
+        if r.get("kind") == "mosaic_dense":
+            out.append(f"| {r['T']} | {r['head_dim']} | {r['causal']} | {r.get('cudnn_tflops', nan):.0f} | "
+                       f"{r.get('pallas_tflops', nan):.0f} | {r.get('mosaic_tflops', nan):.0f} | "
+                       f"{r.get('mosaic_vs_cudnn', nan):.2f} | {r.get('mosaic_cfg')} |")
+    out += ["", "| T | density | triton ms | mosaic ms | dense cudnn ms | mosaic t/(density*dense) |",
+            "|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("kind") == "mosaic_block_sparse":
+            ms = lambda k, r=r: r[k] * 1e3 if r.get(k) else nan
+            out.append(f"| {r['T']} | {r['density']:.3f} | {ms('pallas_s'):.2f} | {ms('mosaic_s'):.2f} | "
+                       f"{ms('cudnn_dense_s'):.2f} | {r.get('mosaic_time_over_density_x_dense', nan):.2f} |")
+    return "\n".join(out)
+
+
 def _last(fn, last, *args):
     """``fn(*args, last)``: binds a trailing argument for jax.vjp."""
     return fn(*args, last)
@@ -260,7 +385,8 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
-    p.add_argument("--skip", default="", help="comma list of sections to skip: check,dense,sparse")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: check,dense,sparse,"
+                   "library,mosaic,mosaic_sparse")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     dev = jax.devices()[0]
@@ -272,7 +398,9 @@ def main(argv=None):
     sections = [("check", lambda: checks.extend(check_correctness(log))),
                 ("dense", lambda: bench_dense(log, args.quick, results)),
                 ("sparse", lambda: bench_sparse(log, args.quick, results)),
-                ("library", lambda: bench_library_path(log, args.quick, results))]
+                ("library", lambda: bench_library_path(log, args.quick, results)),
+                ("mosaic", lambda: bench_mosaic(log, args.quick, results)),
+                ("mosaic_sparse", lambda: bench_mosaic_sparse(log, args.quick, results))]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_attention.json")
     for name, fn in sections:
@@ -299,6 +427,8 @@ def main(argv=None):
         if r.get("kind") == "block_sparse" and "pallas_s" in r:
             print(f"| {r['T']} | {r['tiles']} | {r['density']:.3f} | {r['pass_']} | {r['pallas_s']*1e3:.2f} | "
                   f"{r['cudnn_dense_s']*1e3:.2f} | {r['time_over_density_x_dense']:.2f} |")
+    if any(str(r.get("kind", "")).startswith("mosaic") for r in results):
+        print("\n" + mosaic_table(results))
     return 0
 
 

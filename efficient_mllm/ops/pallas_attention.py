@@ -1,8 +1,13 @@
 """``impl="pallas"`` and ``impl="interpret"`` for :func:`efficient_mllm.ops.attention.dot_product_attention`.
 
-``pallas`` runs the block-sparse flash-attention kernel of the current backend
-(``pallas_kernels/flash_attention/gpu.py`` on GPUs, ``tpu.py`` on TPUs); ``interpret`` runs the
-GPU-style kernel in the Pallas interpreter (any backend, for tests). The mask spec becomes a block
+``pallas`` runs the block-sparse flash-attention kernel of the current backend: on Hopper GPUs
+(compute capability 9.x) the Mosaic GPU forward (``pallas_kernels/flash_attention/mosaic_gpu.py``:
+wgmma + TMA, 1.01-1.03x cuDNN causal at T >= 8K on an H200) with the Triton backward, on other
+NVIDIA GPUs and for cases the Mosaic kernel does not take (fp32, head dims other than 64 / 128,
+block-sparse blocks that 128 x 64 tiles do not divide) the Triton kernel
+(``pallas_kernels/flash_attention/gpu.py``), on TPUs ``tpu.py``; ``interpret`` runs the
+Triton-style kernel in the Pallas interpreter (any backend, for tests).
+``EFFICIENT_MLLM_GPU_FLASH=triton`` forces the Triton kernel on Hopper too. The mask spec becomes a block
 map plus an in-tile predicate (:mod:`efficient_mllm.ops.kernel_masks`). ``impl="auto"`` tries
 cuDNN first and takes this path for masks cuDNN cannot express (segment ids, prefix-LM,
 modality-mutual, frame-block causal, block-sparse, q offsets, softcap, lse). A single decode
@@ -12,7 +17,9 @@ flash-decoding kernel (:mod:`efficient_mllm.ops.decode_attention`).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +32,10 @@ from efficient_mllm.ops.attention import _Request, register_impl
 GPU_BLOCKS = (128, 64)  # forward tiles measured best on H100/H200 (BENCHMARKS.md)
 TPU_BLOCKS = (128, 128)
 _MAX_HEAD_DIM = 256
+# Mosaic GPU forward tiles (block_q, block_k, stages): best in the H200 sweep
+# (benchmarks/bench_flash_mosaic_h200.json); block_k falls to 64 for 64-wide sparse blocks.
+MOSAIC_BLOCKS = (128, 128, 2)
+log = logging.getLogger(__name__)
 
 
 def _backend_for(impl: str) -> str:
@@ -39,6 +50,31 @@ def _blocks(spec, backend: str) -> tuple[int, int]:
                 bq = math.gcd(bq, leaf.block_q)
                 bk = math.gcd(bk, leaf.block_k)
     return bq, bk
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", "") or "")
+    return dev.platform == "gpu" and cc.split(".")[0] == "9"
+
+
+def mosaic_tiles(spec, dtype, head_dim: int, v_head_dim: int) -> tuple[tuple[int, int, int] | None, str]:
+    """``((block_q, block_k, stages), "")`` when the Mosaic GPU forward takes the case, else
+    ``(None, why)`` (the Triton kernel runs it). Device-independent (see :func:`_run`)."""
+    if os.environ.get("EFFICIENT_MLLM_GPU_FLASH", "auto") == "triton":
+        return None, "EFFICIENT_MLLM_GPU_FLASH=triton"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return None, f"dtype {jnp.dtype(dtype).name} (the Mosaic forward takes bf16 / fp16)"
+    if head_dim not in (64, 128) or v_head_dim != head_dim:
+        return None, f"head dims ({head_dim}, {v_head_dim}) (the Mosaic forward takes 64 or 128)"
+    bq, bk, stages = MOSAIC_BLOCKS
+    if spec is not None:
+        for leaf in spec.leaves():
+            if isinstance(leaf, M.BlockSparse):
+                bq, bk = math.gcd(bq, leaf.block_q), math.gcd(bk, leaf.block_k)
+    if bq != 128 or bk not in (64, 128):
+        return None, f"block-sparse blocks need ({bq}, {bk}) tiles (the Mosaic forward: 128 x 64|128)"
+    return (bq, bk, stages), ""
 
 
 def _structure_reason(spec) -> str | None:
@@ -135,6 +171,13 @@ def _run(r: _Request, impl: str):
         )
         return out, (lse if r.return_lse else None)
     bq, bk = _blocks(r.mask, backend)
+    mosaic = None
+    if backend == "gpu" and _is_hopper():
+        mosaic, why = mosaic_tiles(r.mask, r.q.dtype, r.q.shape[3], r.v.shape[3])
+        if mosaic is None:
+            log.info("pallas attention: Triton kernel, not Mosaic GPU: %s", why)
+        else:
+            bq, bk = mosaic[:2]
     km = kernel_masks.kernel_mask(r.mask, b, tq, tk, bq, bk, r.q_offset)
     kw = dict(
         block_map=km.block_map,
@@ -150,6 +193,10 @@ def _run(r: _Request, impl: str):
         from pallas_kernels.flash_attention import tpu
 
         out, lse = tpu.flash_attention(r.q, r.k, r.v, **kw)
+    elif mosaic is not None:
+        from pallas_kernels.flash_attention import mosaic_gpu
+
+        out, lse = mosaic_gpu.flash_attention_forward(r.q, r.k, r.v, num_stages=mosaic[2], **kw)
     else:
         from pallas_kernels.flash_attention import gpu
 
