@@ -92,9 +92,10 @@ class SpatialAttentionPool(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dim = _pos_int(dim, "dim")
-        self.grid = tuple(int(g) for g in grid)
+        # grid None: dynamic-resolution models pass each image's grid at call time.
+        self.grid = None if grid is None else tuple(int(g) for g in grid)
         self.pool = _pool_shape(pool)
-        if self.pool[0] > self.grid[0] or self.pool[1] > self.grid[1]:
+        if self.grid is not None and (self.pool[0] > self.grid[0] or self.pool[1] > self.grid[1]):
             raise ValueError(f"pool={pool!r}: larger than the {self.grid} token grid")
         hidden = self.dim if hidden is None else _pos_int(hidden, "hidden")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
@@ -106,6 +107,8 @@ class SpatialAttentionPool(nnx.Module):
         self.dtype = dtype
 
     def num_outputs(self, grid: tuple[int, int] | None = None) -> int:
+        if grid is None and self.grid is None:
+            raise ValueError("grid=None: this pool was built without a grid; pass the token grid")
         gh, gw = grid or self.grid
         ph, pw = self.pool
         return math.ceil(gh / ph) * math.ceil(gw / pw)
@@ -158,6 +161,7 @@ def attn_pool(
 ) -> SpatialAttentionPool:
     """FlashSloth's Spatial Attention Pooling (SAP): ``N`` tokens -> ``ceil(gh/ph) *
     ceil(gw/pw)`` learned attention-pooled region tokens (``pool=2``: 4x fewer).
+    ``grid`` may be None for dynamic-resolution models (each call then passes its grid).
 
     Spec: ``attn_pool(pool=2)`` (or ``pool=(2, 3)``), ``hidden`` (scorer MLP width, default
     ``dim``), ``dropout`` (scorer dropout; FlashSloth's code uses 0.1, default 0 here so
@@ -169,7 +173,7 @@ def attn_pool(
     """
     return SpatialAttentionPool(
         _need(dim, "dim", "attn_pool"),
-        _need(grid, "grid", "attn_pool"),
+        grid,
         pool=pool,
         hidden=hidden,
         dropout=dropout,
@@ -260,9 +264,10 @@ class MatryoshkaQueryTransformer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dim = _pos_int(dim, "dim")
-        self.num_tokens = _pos_int(num_tokens, "num_tokens")
+        # num_tokens None: dynamic-resolution models (the call checks max_queries <= N).
+        self.num_tokens = None if num_tokens is None else _pos_int(num_tokens, "num_tokens")
         self.max_queries = _pos_int(max_queries, "max_queries")
-        if self.max_queries > self.num_tokens:
+        if self.num_tokens is not None and self.max_queries > self.num_tokens:
             raise ValueError(
                 f"max_queries={max_queries}: expected at most the {num_tokens} image tokens"
             )
@@ -372,13 +377,15 @@ def mqt(
     inference: ``model.train()`` / ``model.eval()`` (or ``nnx.view(model,
     deterministic=True)``); ``model.compressor.set_budget(m)`` sets the inference budget.
     Query ``i`` of ``m`` takes the position id of image token ``floor(i N / m)``.
+    ``num_tokens`` (``N``, for the build-time check ``max_queries <= N``) may be None for
+    dynamic-resolution models; each call checks it.
 
     Deviation: the queries attend to the *projected* image tokens (after the MLLM's projector),
     whereas MQT-LLaVA's query transformer reads the ViT features and replaces the projector.
     """
     return MatryoshkaQueryTransformer(
         _need(dim, "dim", "mqt"),
-        _need(num_tokens, "num_tokens", "mqt"),
+        num_tokens,
         max_queries=max_queries,
         budget=budget,
         min_budget=min_budget,

@@ -11,6 +11,10 @@ InternViT-6B) before the head split; no rotary embedding. Norms: LayerNorm or RM
 (``norm_type``). Images must have the configured ``image_size`` (InternVL feeds fixed 448 px
 tiles; the position-embedding interpolation Hugging Face applies to other sizes is not
 implemented).
+
+Attention probe (for visual-token compressors): :meth:`InternViT.forward` can also return the
+[CLS] query's head-averaged softmax row over all ``1 + Np`` keys of chosen blocks (on each
+block's input, as ``nn.vision`` reads it), computed for that one query (no ``N x N`` map).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from efficient_mllm import compat
 from efficient_mllm.nn.config import DictMixin, as_dtype
 from efficient_mllm.nn.layers import GeluMLP, Linear, RMSNorm, activation, make_norm, normal_init
 from efficient_mllm.nn.vision import patchify
+from efficient_mllm.nn.attention import query_attention_probs
 from efficient_mllm.ops.attention import dot_product_attention
 
 __all__ = ["InternViT", "InternViTConfig"]
@@ -118,13 +123,23 @@ class InternAttention(nnx.Module):
         self.q_norm = RMSNorm(d, **norm_kw) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, **norm_kw) if cfg.qk_norm else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self.q(x), self.k(x), self.v(x)
+    def _qk(self, xq: jax.Array, xk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        q, k = self.q(xq), self.k(xk)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
             k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-        out = dot_product_attention(q, k, v, impl=self.cfg.impl)
+        return q, k
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k = self._qk(x, x)
+        out = dot_product_attention(q, k, self.v(x), impl=self.cfg.impl)
         return self.proj(out.astype(x.dtype))
+
+    def attention_row(self, x: jax.Array, query_index: int = 0) -> jax.Array:
+        """Head-averaged softmax row of query ``query_index`` over all keys of ``x [B, T, D]``
+        (the attention input): float32 ``[B, T]``."""
+        q, k = self._qk(x[:, query_index : query_index + 1], x)
+        return query_attention_probs(q, k)[:, 0]
 
 
 class InternBlock(nnx.Module):
@@ -182,17 +197,38 @@ class InternViT(nnx.Module):
                            param_dtype=pdtype)
         )
 
+    def num_blocks_run(self, layer: int = -1) -> int:
+        """Blocks run to produce hidden states ``layer`` (see :meth:`__call__`)."""
+        depth = self.cfg.depth
+        bad = isinstance(layer, bool) or not isinstance(layer, int)
+        if bad or not -depth - 1 <= layer <= depth:
+            raise ValueError(f"layer={layer!r}: expected an int in [{-depth - 1}, {depth}]")
+        return depth if layer == -1 else layer % (depth + 1)
+
     def __call__(self, images: jax.Array, *, layer: int = -1) -> jax.Array:
         """``images [B, H, W, C]`` -> hidden states ``[B, 1 + Np, D]`` (CLS first).
 
         ``layer = -1``: the last block's output (through ``norm`` when present); ``layer = k >=
         0``: the output after ``k`` blocks (0 = embeddings), ``layer = -j``: after
         ``depth + 1 - j`` blocks (Hugging Face's ``hidden_states[layer]``, no final norm)."""
+        return self.forward(images, layer=layer)[0]
+
+    def forward(
+        self, images: jax.Array, *, layer: int = -1, probe_blocks: tuple[int, ...] = ()
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``(hidden [B, 1 + Np, D]`` as :meth:`__call__`, ``probes [B, L, 1 + Np] | None)``:
+        the [CLS] attention row of each block in ``probe_blocks`` (indices in ``[0, blocks
+        run)``), computed on the block's input (float32, head-averaged, sums to 1 over all keys
+        including [CLS])."""
         cfg = self.cfg
-        depth = cfg.depth
-        bad = isinstance(layer, bool) or not isinstance(layer, int)
-        if bad or not -depth - 1 <= layer <= depth:
-            raise ValueError(f"layer={layer!r}: expected an int in [{-depth - 1}, {depth}]")
+        stop = self.num_blocks_run(layer)
+        probe_blocks = tuple(probe_blocks)
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < stop
+               for i in probe_blocks):
+            raise ValueError(
+                f"probe_blocks={probe_blocks!r}: expected block indices in [0, {stop}) (the "
+                f"blocks run for layer={layer})"
+            )
         want = (*cfg.image_size, cfg.channels)
         if getattr(images, "ndim", None) != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(
@@ -203,9 +239,12 @@ class InternViT(nnx.Module):
         x = self.patch(patchify(images.astype(dtype), cfg.patch_size))
         cls = jnp.broadcast_to(self.cls[...].astype(dtype), (x.shape[0], 1, cfg.width))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...].astype(dtype)
-        stop = depth if layer == -1 else layer % (depth + 1)
+        rows = {}
         for i in range(stop):
+            if i in probe_blocks:
+                rows[i] = self.blocks[i].attn.attention_row(self.blocks[i].norm1(x))
             x = self.blocks[i](x)
         if layer == -1 and self.norm is not None:
             x = self.norm(x)
-        return x
+        probes = jnp.stack([rows[i] for i in probe_blocks], axis=1) if probe_blocks else None
+        return x, probes

@@ -9,6 +9,12 @@ Inputs follow the Hugging Face processor: ``tokens [B, T]`` with ``(gh / r) * (g
 normalised, NHWC) in the order their tokens appear. Dynamic tiling is the processor's job: the
 model sees tiles as images. Only ``vision_feature_select_strategy="default"`` (drop CLS) with a
 square patch grid is supported, as Hugging Face's reshape requires.
+
+Compressors (``InternVLConfig.compressor``: any registry spec, pre-LLM ones applied per tile)
+follow ``nn.placeholder_mllm``. Signals: ``cls_attention`` is InternViT's [CLS] attention row of
+the last block run (``vision_feature_layer``), restricted to the patches and summed over each
+pixel-shuffle cell (so it aligns with the LLM tokens); ``cls`` the [CLS] hidden state of that
+layer; ``features`` the pixel-shuffled ViT features (the projector input, ``r^2 * width``).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from efficient_mllm.nn.config import DictMixin
 from efficient_mllm.nn.internvit import InternViT, InternViTConfig
 from efficient_mllm.nn.language import LanguageModel
 from efficient_mllm.nn.layers import LayerNorm, Linear, activation
+from efficient_mllm.nn.mllm import cell_sum
 from efficient_mllm.nn.placeholder_mllm import (
+    ImageSignals,
     PlaceholderMLLM,
-    build_pre_llm_compressor,
     check_vl_config,
+    probe_layers,
 )
 
 __all__ = ["InternVLConfig", "InternVLModel", "internvl_pixel_shuffle"]
@@ -51,8 +59,8 @@ class InternVLConfig(DictMixin):
     """``language``: ``LanguageConfig`` (1D RoPE); ``vision``: ``InternViTConfig`` (square
     grid divisible by ``1 / downsample_ratio``); ``vision_feature_layer``: ViT layer read (see
     ``InternViT.__call__``); ``projector_activation``: ``nn.layers.activation`` name;
-    ``compressor``: optional ``pre_llm`` registry spec (``nn.placeholder_mllm`` module doc),
-    applied per tile."""
+    ``compressor``: optional registry spec (``nn.placeholder_mllm`` module doc; a pre-LLM one
+    is applied per tile)."""
 
     language: Any
     vision: Any
@@ -129,25 +137,62 @@ class InternVLModel(PlaceholderMLLM):
         self.vision = InternViT(cfg.vision, rngs=rngs)
         self.projector = InternVLProjector(cfg, rngs=rngs)
         self.language = LanguageModel(cfg.language, rngs=rngs)
-        self.compressor = build_pre_llm_compressor(
-            cfg.compressor,
-            dim=cfg.language.width,
-            num_layers=cfg.language.depth,
-            dtype=cfg.language.compute_dtype,
-        )
+        # ``grid``: each tile's token grid. No ``num_tokens``: in-LLM compressors count the
+        # image tokens of a row (several tiles), unknown before the call.
+        g = cfg.vision.grid[0] // cfg.shuffle
+        self.set_compressor(rngs, vision_dim=cfg.vision.width * cfg.shuffle**2, grid=(g, g))
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """``images [N, H, W, C]`` -> LLM-ready image tokens ``[N, tokens_per_image, D]``."""
+        tokens = self.image_signals(images).tokens
+        return tokens.reshape(-1, self.cfg.tokens_per_image, tokens.shape[-1])
+
+    def image_signals(
+        self,
+        images: jax.Array,
+        *,
+        cls_attention: bool = False,
+        cls_attention_layers: tuple[int, ...] | None = None,
+        features: bool = False,
+    ) -> ImageSignals:
+        """Tokens and compressor signals of all tiles (module doc). ``cls_attention_layers``:
+        ViT block indices (negative from the end of the ViT) among those run."""
         cfg = self.cfg
-        x = self.vision(images, layer=cfg.vision_feature_layer)[:, 1:]  # drop CLS
+        vit = self.vision
+        run = vit.num_blocks_run(cfg.vision_feature_layer)
+        depth = cfg.vision.depth
+        layers = probe_layers(cls_attention_layers, depth)
+        if (cls_attention and run == 0) or any(i >= run for i in layers):
+            raise ValueError(
+                f"the [CLS] attention probe of blocks {layers or 'last'} needs them to run: "
+                f"vision_feature_layer={cfg.vision_feature_layer} runs {run} blocks"
+            )
+        probe_blocks = tuple(dict.fromkeys(layers + ((run - 1,) if cls_attention else ())))
+        hidden, probes = vit.forward(
+            images, layer=cfg.vision_feature_layer, probe_blocks=probe_blocks
+        )
+        x = hidden[:, 1:]  # drop CLS
         n, _, d = x.shape
         gh, gw = cfg.vision.grid
         x = internvl_pixel_shuffle(x.reshape(n, gh, gw, d), cfg.shuffle)
-        return self.projector(x.reshape(n, -1, x.shape[-1]))
+        x = x.reshape(n, -1, x.shape[-1])
+        tokens = self.projector(x)
+        r = cfg.shuffle
+
+        def rows(block):  # [N, Np + 1] -> [N * tokens_per_image] (patches, cell sums)
+            row = probes[:, probe_blocks.index(block), 1:]
+            return cell_sum(row, cfg.vision.grid, r).reshape(-1)
+
+        return ImageSignals(
+            tokens=tokens.reshape(-1, tokens.shape[-1]),
+            features=x.reshape(-1, x.shape[-1]) if features else None,
+            cls_attention=rows(run - 1) if cls_attention else None,
+            layer_cls_attention=jnp.stack([rows(i) for i in layers]) if layers else None,
+            cls=hidden[:, 0],
+        )
 
     def image_features(self, images: jax.Array) -> jax.Array:
-        feats = self.encode_images(images)
-        return feats.reshape(-1, feats.shape[-1])
+        return self.image_signals(images).tokens
 
     def num_image_features(self, images: jax.Array) -> int:
         if getattr(images, "ndim", None) != 4:

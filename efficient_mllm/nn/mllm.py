@@ -55,6 +55,10 @@ __all__ = [
     "MLLMConfig",
     "MLLMOutput",
     "Projector",
+    "build_compressor",
+    "cell_sum",
+    "in_llm_hooks",
+    "logits_after_drop",
     "pixel_shuffle",
     "splice_layout",
 ]
@@ -307,6 +311,87 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def build_compressor(spec: str, context: Mapping[str, Any]) -> Any:
+    """Builds registry ``spec``, passing the entries of ``context`` (``dim``, ``vision_dim``,
+    ``grid``, ``num_tokens``, ``num_layers``, ``dtype``, ``param_dtype``, ``rngs``) that its
+    factory names and the spec does not set (None values are not passed). Checks its
+    ``stage`` (``COMPRESSOR_STAGES``; ``in_llm`` needs ``make_hooks``)."""
+    name, spec_kwargs = registry.parse_spec(spec)
+    entry = registry.COMPRESSORS.get(name)  # raises RegistryError if unknown
+    params = inspect.signature(entry.factory).parameters
+    extra = {
+        k: context[k]
+        for k in _COMPRESSOR_BUILD_ARGS
+        if k in params and k not in spec_kwargs and context.get(k) is not None
+    }
+    built = registry.COMPRESSORS.build(spec, **extra)
+    stage = getattr(built, "stage", "pre_llm")
+    if stage not in COMPRESSOR_STAGES:
+        raise ValueError(
+            f"compressor {spec!r} has stage={stage!r}: expected one of {COMPRESSOR_STAGES}"
+        )
+    if stage == "in_llm" and not hasattr(built, "make_hooks"):
+        raise ValueError(f"compressor {spec!r} has stage='in_llm' but no make_hooks(language, ...)")
+    return built
+
+
+def cell_sum(a: jax.Array | None, grid: tuple[int, int], s: int) -> jax.Array | None:
+    """``a [..., gh * gw]`` (raster order) summed over each ``s x s`` cell: ``[..., (gh/s) *
+    (gw/s)]`` in raster order of the cells (None passes through)."""
+    if a is None or s == 1:
+        return a
+    g0, g1 = grid
+    lead = a.shape[:-1]
+    return a.reshape(*lead, g0 // s, s, g1 // s, s).sum(axis=(-3, -1)).reshape(
+        *lead, (g0 // s) * (g1 // s)
+    )
+
+
+def in_llm_hooks(comp, language, token_types, query_end, num_image_tokens: int, layer_hook):
+    """``(layer_hook, block_fn)`` for the decoder: the user's ``layer_hook`` composed with the
+    ``in_llm`` compressor's hooks (``comp.make_hooks(language, token_types=[B, L],
+    query_end=[B], num_image_tokens=N)``); the user's hook alone when ``comp`` is None."""
+    if comp is None:
+        return layer_hook, None
+    comp_hook, block_fn = comp.make_hooks(
+        language,
+        token_types=token_types,
+        query_end=query_end,
+        num_image_tokens=int(num_image_tokens),
+    )
+    if comp_hook is None:
+        comp_hook = _identity_hook
+    if layer_hook is None:
+        return comp_hook, block_fn
+
+    def hook(i, h, state):
+        h, state = layer_hook(i, h, state)
+        return comp_hook(i, h, state)
+
+    return hook, block_fn
+
+
+def logits_after_drop(language, out, index: jax.Array) -> jax.Array:
+    """Logits at input positions ``index [B, Q]`` when in-LLM compression dropped tokens: a
+    dropped position reads the last kept position before it (the token that precedes the
+    next one in the shortened sequence, e.g. the last kept image token for the image
+    placeholder). ``out``: the decoder's ``LanguageOutput``."""
+    state = out.state
+    b, length = out.hidden.shape[:2]
+    cur = state.token_index.shape[1]
+    ok = (
+        jnp.ones((b, cur), bool)
+        if state.lengths is None
+        else jnp.arange(cur)[None, :] < state.lengths[:, None]
+    )
+    rows = jnp.arange(b)[:, None]
+    kept = jnp.zeros((b, length), bool).at[rows, state.token_index].max(ok, mode="drop")
+    ar = jnp.arange(length, dtype=jnp.int32)[None, :]
+    src = jax.lax.cummax(jnp.where(kept, ar, -1), axis=1)
+    src = jnp.maximum(jnp.take_along_axis(src, index, axis=1), 0)
+    return language.head(jnp.take_along_axis(out.hidden, src[:, :, None], axis=1))
+
+
 class MLLM(nnx.Module):
     """Vision encoder + projector + optional compressor + :class:`LanguageModel`.
 
@@ -341,41 +426,24 @@ class MLLM(nnx.Module):
         self.compressor = None
         self.in_llm_compressor = None
         specs = cfg.compressor
+        gh, gw = cfg.grid if cfg.vision is not None else (None, None)
+        context = {
+            "dim": lang.width,
+            "vision_dim": None if cfg.vision is None else cfg.vision.width,
+            "grid": None if gh is None else (gh, gw),
+            "num_tokens": None if gh is None else gh * gw,
+            "num_layers": lang.depth,
+            "dtype": lang.compute_dtype,
+            "param_dtype": jnp.dtype(lang.param_dtype),
+            "rngs": rngs,
+        }
         for spec in () if specs is None else specs if isinstance(specs, tuple) else (specs,):
-            name, spec_kwargs = registry.parse_spec(spec)
-            entry = registry.COMPRESSORS.get(name)  # raises RegistryError if unknown
-            params = inspect.signature(entry.factory).parameters
-            gh, gw = cfg.grid
-            context = {
-                "dim": lang.width,
-                "vision_dim": cfg.vision.width,
-                "grid": (gh, gw),
-                "num_tokens": gh * gw,
-                "num_layers": lang.depth,
-                "dtype": lang.compute_dtype,
-                "param_dtype": jnp.dtype(lang.param_dtype),
-                "rngs": rngs,
-            }
-            extra = {
-                k: context[k]
-                for k in _COMPRESSOR_BUILD_ARGS
-                if k in params and k not in spec_kwargs
-            }
-            built = registry.COMPRESSORS.build(spec, **extra)
+            built = build_compressor(spec, context)
             stage = getattr(built, "stage", "pre_llm")
-            if stage not in COMPRESSOR_STAGES:
-                raise ValueError(
-                    f"compressor {spec!r} has stage={stage!r}: expected one of "
-                    f"{COMPRESSOR_STAGES}"
-                )
             attr = "compressor" if stage == "pre_llm" else "in_llm_compressor"
             if getattr(self, attr) is not None:
                 raise ValueError(
                     f"MLLMConfig.compressor={specs!r}: more than one {stage!r} compressor"
-                )
-            if stage == "in_llm" and not hasattr(built, "make_hooks"):
-                raise ValueError(
-                    f"compressor {spec!r} has stage='in_llm' but no make_hooks(language, ...)"
                 )
             # ``nnx.data``: the attribute was first set to None (static); a module is data.
             setattr(self, attr, nnx.data(built) if isinstance(built, nnx.Module) else built)
@@ -446,18 +514,11 @@ class MLLM(nnx.Module):
             keep_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
             return ImageTokens(tokens, jnp.ones((b, n), bool), keep_idx, rel, span)
 
-        def cell_sum(a):  # [..., Np] -> [..., N]: summed over each pixel-shuffle cell
-            if a is None or s == 1:
-                return a
-            g0, g1 = vis.grid
-            lead = a.shape[:-1]
-            return a.reshape(*lead, g0 // s, s, g1 // s, s).sum(axis=(-3, -1)).reshape(*lead, n)
-
         kwargs = dict(
             positions=rel,
             grid=grid,
-            cls_attention=cell_sum(vis.cls_attention),
-            layer_cls_attention=cell_sum(vis.layer_cls_attention),
+            cls_attention=cell_sum(vis.cls_attention, vis.grid, s),
+            layer_cls_attention=cell_sum(vis.layer_cls_attention, vis.grid, s),
             features=pixel_shuffle(vis.patches, vis.grid, s),
             cls=vis.cls,
             **dict(context or {}),
@@ -705,50 +766,17 @@ class MLLM(nnx.Module):
         return MLLMOutput(logits=logits, aux=aux)
 
     def _in_llm_hooks(self, images, aux, query_end, layer_hook):
-        """``(layer_hook, block_fn)`` for the decoder: the user's ``layer_hook`` composed with
-        the ``in_llm`` compressor's hooks (``make_hooks(language, token_types=[B, L],
-        query_end=[B], num_image_tokens=N)``); the user's hook alone without images or without
-        an in-LLM compressor."""
-        comp = self.in_llm_compressor
-        if comp is None or images is None:
+        """``(layer_hook, block_fn)`` (:func:`in_llm_hooks`); the user's hook alone without
+        images or without an in-LLM compressor."""
+        if self.in_llm_compressor is None or images is None:
             return layer_hook, None
         n = int(aux["keep_idx"].shape[1])
-        comp_hook, block_fn = comp.make_hooks(
-            self.language,
-            token_types=aux["token_types"],
-            query_end=query_end,
-            num_image_tokens=n,
+        return in_llm_hooks(
+            self.in_llm_compressor, self.language, aux["token_types"], query_end, n, layer_hook
         )
-        if comp_hook is None:
-            comp_hook = _identity_hook
-        if layer_hook is None:
-            return comp_hook, block_fn
-
-        def hook(i, h, state):
-            h, state = layer_hook(i, h, state)
-            return comp_hook(i, h, state)
-
-        return hook, block_fn
 
     def _logits_after_drop(self, out, index: jax.Array) -> jax.Array:
-        """Logits at input positions ``index [B, Q]`` when in-LLM compression dropped tokens: a
-        dropped position reads the last kept position before it (the token that precedes the
-        next one in the shortened sequence, e.g. the last kept image token for the image
-        placeholder)."""
-        state = out.state
-        b, length = out.hidden.shape[:2]
-        cur = state.token_index.shape[1]
-        ok = (
-            jnp.ones((b, cur), bool)
-            if state.lengths is None
-            else jnp.arange(cur)[None, :] < state.lengths[:, None]
-        )
-        rows = jnp.arange(b)[:, None]
-        kept = jnp.zeros((b, length), bool).at[rows, state.token_index].max(ok, mode="drop")
-        ar = jnp.arange(length, dtype=jnp.int32)[None, :]
-        src = jax.lax.cummax(jnp.where(kept, ar, -1), axis=1)
-        src = jnp.maximum(jnp.take_along_axis(src, index, axis=1), 0)
-        return self.language.head(jnp.take_along_axis(out.hidden, src[:, :, None], axis=1))
+        return logits_after_drop(self.language, out, index)
 
     def prefill(
         self,

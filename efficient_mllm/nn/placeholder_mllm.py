@@ -5,38 +5,74 @@ Hugging Face's Qwen2-VL, Qwen2.5-VL and InternVL processors expand each image in
 embeddings, in order (row 0's image tokens first, then row 1's, ...), by the image features and
 runs the decoder on the unchanged sequence length. (``nn.mllm.MLLM`` instead splices ``K`` image
 tokens in place of a single placeholder.) A subclass owns ``self.language`` (a
-``LanguageModel``) and ``self.cfg`` (with ``.language`` and ``.image_token_id``) and implements
-``image_features(images) -> [K, D]``, ``num_image_features(images) -> K`` (static) and
-``positions(tokens, images, lengths, start) -> positions | None`` (None: the decoder's
-default ``start + arange``).
+``LanguageModel``) and ``self.cfg`` (with ``.language``, ``.image_token_id`` and
+``.compressor``) and implements ``image_features(images) -> [K, D]``, ``num_image_features
+(images) -> K`` (static), ``feature_groups(images)`` and ``positions(tokens, images, lengths,
+start) -> positions | None`` (None: the decoder's default ``start + arange``); it may override
+``image_signals`` (what compressors read, below) and calls :meth:`PlaceholderMLLM.set_compressor`
+in ``__init__``.
 
 Prompts are right-padded (``lengths`` valid tokens per row). ``prefill`` / ``decode`` follow
 ``MLLM``'s signatures, so ``kvcache.generate`` runs these models (``prompt_length`` is its
 static check). ``__call__`` passes a ``layer_hook`` / ``block_fn`` through to the decoder.
 
-Pre-LLM compressors (``cfg.compressor``, a ``registry.COMPRESSORS`` spec with ``stage =
-"pre_llm"``) run on each image's projected tokens (``feature_groups``: images of one grid are
-batched) and return ``K`` of its ``N`` tokens with ``keep_idx``. The prompt keeps its ``N``
+Compressors (``cfg.compressor``, one ``registry.COMPRESSORS`` spec) are built as ``MLLM`` builds
+them (``nn.mllm.build_compressor``: the factory gets the ``dim``, ``vision_dim`` (= the width of
+the ``features`` signal), ``grid`` / ``num_tokens`` (fixed-size tiles only, None for Qwen's
+dynamic resolution), ``num_layers``, ``dtype``, ``param_dtype`` and ``rngs`` it names); one that
+owns parameters (``attn_pool``, ``mqt``, ``pixel_shuffle``, ``pmod``'s routers) is an NNX
+submodule (``compressor`` / ``in_llm_compressor``), so fine-tuning trains it.
+
+**Pre-LLM** (``stage = "pre_llm"``): run on each image's projected tokens (``feature_groups``:
+images of one grid are batched) with the keyword arguments its signature names, as in
+``MLLM.encode_images``: ``positions`` (relative ids), ``grid``, ``cls_attention``,
+``layer_cls_attention``, ``features``, ``cls`` (:meth:`PlaceholderMLLM.image_signals`, computed
+only when the compressor names them) and the text context ``text_embeds [n, T, D]`` (the token
+embeddings of the image's row with its image tokens removed, text compacted to the front),
+``text_lengths [n]`` (that row's text tokens) and ``placeholder [n] = T`` (no placeholder left in
+the text). It returns ``K`` of its ``N`` tokens with ``keep_idx``. The prompt keeps its ``N``
 slots: kept token ``k`` fills slot ``keep_idx[k]`` of its image (so it keeps that slot's
-original position id, 3D for M-RoPE), unfilled slots are dropped. Dropping reuses the
-right-padding machinery: each row's live tokens (valid text + filled slots) are moved to the
-front in order (static shape ``T``), ``lengths`` shrinks accordingly, positions travel with their
-tokens, and logits are read back at the original indices (a dropped slot reads the last live
-token before it). Hence dropped slots are never attended to and write no KV. Slots are filled in
-ascending ``keep_idx`` order (the compressor's output order when, as the contract says, valid
-``keep_idx`` are ascending); a compressor's own ``position_ids`` are not used. Not supported
-here (``ValueError``): ``in_llm`` compressors and compressors with their own parameters (their
-factories need ``rngs`` / ``vision_dim``); the compressor receives ``positions`` and ``grid``
-but no ``cls_attention``, ``features``, ``cls`` or text context, so methods that need those
-raise their own "needs ..." error.
+original position id, 3D for M-RoPE), invalid (``valid = False``) tokens and unfilled slots are
+dropped. Learned compressors thereby fill: ``attn_pool`` the centre slot of each pooling window,
+``pixel_shuffle`` the top-left-of-centre slot of each cell, ``mqt``'s ``m`` active queries the
+evenly spread slots ``floor(i N / m)`` (each query keeps a real position of the image and the
+queries stay in order). Dropping reuses the right-padding machinery: each row's live tokens
+(valid text + filled slots) are moved to the front in order (static shape ``T``), ``lengths``
+shrinks accordingly, positions travel with their tokens, and logits are read back at the
+original indices (a dropped slot reads the last live token before it). Hence dropped slots are
+never attended to and write no KV. Slots are filled in ascending ``keep_idx`` order; a
+compressor's own ``position_ids`` are not used.
+
+**In-LLM** (``stage = "in_llm"``: FastV, SparseVLM, ZipVL, p-MoD): the image tokens enter the
+decoder unchanged and ``make_hooks(language, token_types [B, T], query_end [B],
+num_image_tokens=N)`` drives the decoder exactly as in ``MLLM`` (``nn.mllm.in_llm_hooks``; the
+image slots are IMAGE, other valid tokens TEXT, padding PAD; ``query_end`` is ``lengths`` or,
+given ``prompt_lengths``, the prompt end; kept tokens carry their position ids, 3D on Qwen;
+logits at dropped positions are read from the last kept position before them; with a KV cache
+the later layers store only the kept tokens). The in-LLM code needs a static ``N`` and each
+row's other tokens to fit in ``T - N``, which holds when **every row holds the same number of
+image tokens**: ``N = num_image_features / B``, the image tokens of a row taken together (a
+row may hold several images; they are ranked jointly, as FastV does for multi-image inputs).
+Eagerly, other layouts (unequal counts, text-only rows) raise ``ValueError``; under ``jit``
+they cannot be checked (as ``MLLM``'s placeholder count) and must not be passed. The recorded
+``keep_idx/<s>`` statistics count from the row's first image token (input index offsets when a
+row holds several images).
+
+**Signals** (``image_signals``; per LLM token, in prompt order): ``cls_attention`` is the
+vision encoder's attention probe of its last block run, summed over the LLM token's merge /
+pixel-shuffle cell: InternViT's [CLS] query row (``cls`` is given), Qwen's ViT (no [CLS]) the
+mean-query row as ``nn.vision`` defines it (``cls=None``; methods need ``fallback=
+"mean_query"``). ``layer_cls_attention`` holds the same probe of the blocks a compressor lists
+in ``cls_attention_layers``; ``features`` the projector / merger input of each LLM token. A
+method whose signal this model cannot give raises ``ValueError`` naming the method, the model
+and the missing signal.
 """
 
 from __future__ import annotations
 
 import abc
-import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,18 +82,38 @@ from flax import nnx
 from efficient_mllm import registry
 from efficient_mllm.kvcache.cache import KVCache
 from efficient_mllm.nn.language import LanguageConfig, LanguageOutput
-from efficient_mllm.nn.mllm import _call_with_accepted
+from efficient_mllm.nn.mllm import (
+    _accepts,
+    _call_with_accepted,
+    build_compressor,
+    in_llm_hooks,
+    logits_after_drop,
+)
+from efficient_mllm.ops import masks as masks_lib
 
 __all__ = [
+    "ImageSignals",
     "PlaceholderMLLM",
-    "build_pre_llm_compressor",
     "check_vl_config",
     "compact_rows",
+    "probe_layers",
     "scatter_features",
 ]
 
-# Factory arguments that mean "this compressor owns parameters": not supported here yet.
-_LEARNED_ARGS = ("rngs", "vision_dim", "param_dtype")
+
+class ImageSignals(NamedTuple):
+    """What a placeholder model's vision side gives its compressor, all images in prompt order.
+
+    ``tokens [K, D]`` (the LLM-ready image tokens); ``features [K, Df] | None`` (the projector /
+    merger input of each token); ``cls_attention [K] | None`` (the last ViT block's probe row,
+    summed over each token's cell); ``layer_cls_attention [L, K] | None`` (the probe of each
+    requested block); ``cls [num_images, Dv] | None`` (the ViT's [CLS] token per image)."""
+
+    tokens: jax.Array
+    features: jax.Array | None = None
+    cls_attention: jax.Array | None = None
+    layer_cls_attention: jax.Array | None = None
+    cls: jax.Array | None = None
 
 
 def _is_concrete(x: Any) -> bool:
@@ -112,32 +168,18 @@ def check_vl_config(cfg: Any, vision_cls: type, rope_type: str) -> tuple[Any, An
     return lang, vis
 
 
-def build_pre_llm_compressor(spec: str | None, *, dim: int, num_layers: int, dtype: Any):
-    """The ``pre_llm`` compressor built from registry ``spec`` (None -> None). Raises
-    ``ValueError`` for in-LLM or learned (parameter-owning) compressors."""
-    if spec is None:
-        return None
-    if not isinstance(spec, str):
-        raise ValueError(f"compressor={spec!r}: expected one registry spec string or None")
-    name, kwargs = registry.parse_spec(spec)
-    params = inspect.signature(registry.COMPRESSORS.get(name).factory).parameters
-    learned = [a for a in _LEARNED_ARGS if a in params and a not in kwargs]
-    if learned:
+def probe_layers(cls_attention_layers: tuple[int, ...] | None, depth: int) -> tuple[int, ...]:
+    """ViT block indices (negative from the end) of a compressor's ``cls_attention_layers`` as
+    ``0..depth-1`` (``()`` for None); a bad or empty tuple raises."""
+    if cls_attention_layers is None:
+        return ()
+    bad = [i for i in cls_attention_layers if not -depth <= i < depth]
+    if bad or not cls_attention_layers:
         raise ValueError(
-            f"compressor={spec!r} owns learned parameters (its factory takes {learned}): not "
-            "supported on this model yet (parameter-free pre_llm compressors only)"
+            f"cls_attention_layers={cls_attention_layers!r}: expected a non-empty tuple of ViT "
+            f"block indices in [-{depth}, {depth})"
         )
-    context = {"dim": dim, "num_layers": num_layers, "dtype": dtype}
-    extra = {k: v for k, v in context.items() if k in params and k not in kwargs}
-    built = registry.COMPRESSORS.build(spec, **extra)
-    stage = getattr(built, "stage", "pre_llm")
-    if stage != "pre_llm" or isinstance(built, nnx.Module):
-        raise ValueError(
-            f"compressor={spec!r} has stage={stage!r}"
-            f"{' and parameters' if isinstance(built, nnx.Module) else ''}: not supported on "
-            "this model yet (parameter-free pre_llm compressors only)"
-        )
-    return built
+    return tuple(i % depth for i in cls_attention_layers)
 
 
 def compact_rows(live: jax.Array, *arrays: jax.Array, axis: int = 1):
@@ -161,9 +203,11 @@ def compact_rows(live: jax.Array, *arrays: jax.Array, axis: int = 1):
 
 class PlaceholderMLLM(nnx.Module, abc.ABC):
     """Shared forward / prefill / decode of the placeholder-expanded models (module doc).
-    Subclasses set ``self.compressor`` (``build_pre_llm_compressor``) in ``__init__``."""
+    Subclasses call :meth:`set_compressor` in ``__init__``; ``compressor`` is the pre-LLM
+    compressor, ``in_llm_compressor`` the in-LLM one (at most one of them is set)."""
 
     compressor = None
+    in_llm_compressor = None
 
     # -- subclass hooks --------------------------------------------------------------------
 
@@ -184,6 +228,44 @@ class PlaceholderMLLM(nnx.Module, abc.ABC):
         """Static layout of ``image_features`` for the compressor: consecutive groups
         ``(count, n, grid, rel)`` of ``count`` images with ``n`` tokens each, the token ``grid``
         ``(rows, cols)`` and relative position ids ``rel`` (``[count, n]`` or ``[3, count, n]``)."""
+
+    def image_signals(
+        self,
+        images: Any,
+        *,
+        cls_attention: bool = False,
+        cls_attention_layers: tuple[int, ...] | None = None,
+        features: bool = False,
+    ) -> ImageSignals:
+        """:class:`ImageSignals` of ``images``; the flags say which optional signals to compute.
+        Default: the tokens only (a subclass that can give more overrides this)."""
+        del cls_attention, cls_attention_layers, features
+        return ImageSignals(self.image_features(images))
+
+    # -- construction ----------------------------------------------------------------------
+
+    def set_compressor(self, rngs: nnx.Rngs, **context: Any) -> None:
+        """Builds ``cfg.compressor`` (``nn.mllm.build_compressor``) into ``compressor`` (pre-LLM)
+        or ``in_llm_compressor``. ``context``: the model-specific build arguments
+        (``vision_dim``, ``grid``, ``num_tokens``); ``dim``, ``num_layers``, ``dtype``,
+        ``param_dtype`` and ``rngs`` come from the language config."""
+        spec = self.cfg.compressor
+        if spec is None:
+            return
+        lang = self.cfg.language
+        ctx = {
+            "dim": lang.width,
+            "num_layers": lang.depth,
+            "dtype": lang.compute_dtype,
+            "param_dtype": jnp.dtype(lang.param_dtype),
+            "rngs": rngs,
+            **context,
+        }
+        built = build_compressor(spec, ctx)
+        attr = (
+            "in_llm_compressor" if getattr(built, "stage", "pre_llm") == "in_llm" else "compressor"
+        )
+        setattr(self, attr, nnx.data(built) if isinstance(built, nnx.Module) else built)
 
     # -- shared ----------------------------------------------------------------------------
 
@@ -217,24 +299,51 @@ class PlaceholderMLLM(nnx.Module, abc.ABC):
                 )
         return tokens.astype(jnp.int32), lengths, image_mask
 
-    def compress_features(self, features: jax.Array, images: Any):
-        """Runs ``self.compressor`` per feature group: ``(features [N, D] with each kept token
-        in its slot, kept bool [N])``."""
+    def _compressor_error(self, err: Exception) -> ValueError:
+        return ValueError(f"{type(self).__name__} with compressor {self.cfg.compressor!r}: {err}")
+
+    def compress_features(self, sig: ImageSignals, images: Any, text: Mapping[str, Any]):
+        """Runs ``self.compressor`` per feature group (module doc): ``(features [N, D] with each
+        kept token in its slot, kept bool [N])``. ``text``: ``text_embeds [B, T, D]`` (compacted
+        text), ``text_lengths [B]`` and ``feature_row [N]`` (batch row of each image token)."""
         comp = self.compressor
-        d = features.shape[-1]
-        outs, kept, off = [], [], 0
+        feats = sig.tokens
+        d = feats.shape[-1]
+        outs, kept, off, img_off = [], [], 0, 0
         for count, n, grid, rel in self.feature_groups(images):
-            x = features[off : off + count * n].reshape(count, n, d)
-            off += count * n
+            x = feats[off : off + count * n].reshape(count, n, d)
+
+            def per_token(a, off=off, count=count, n=n):
+                return (
+                    None if a is None else a[off : off + count * n].reshape(count, n, *a.shape[1:])
+                )
+
             kw = dict(
                 positions=jnp.asarray(rel, jnp.int32),
                 grid=tuple(grid),
-                cls_attention=None,
-                layer_cls_attention=None,
-                features=None,
-                cls=None,
+                cls_attention=per_token(sig.cls_attention),
+                layer_cls_attention=None
+                if sig.layer_cls_attention is None
+                else jnp.moveaxis(
+                    sig.layer_cls_attention[:, off : off + count * n].reshape(-1, count, n), 0, 1
+                ),
+                features=per_token(sig.features),
+                cls=None if sig.cls is None else sig.cls[img_off : img_off + count],
             )
-            out = _call_with_accepted(comp, (x,), kw)
+            if "text_embeds" in text:
+                rows = text["feature_row"][off + n * jnp.arange(count)]
+                t = text["text_embeds"].shape[1]
+                kw.update(
+                    text_embeds=text["text_embeds"][rows],
+                    text_lengths=text["text_lengths"][rows],
+                    placeholder=jnp.full((count,), t, jnp.int32),
+                )
+            off += count * n
+            img_off += count
+            try:
+                out = _call_with_accepted(comp, (x,), kw)
+            except ValueError as err:
+                raise self._compressor_error(err) from err
             if not (hasattr(out, "tokens") and hasattr(out, "keep_idx")):
                 raise ValueError(
                     f"compressor {self.cfg.compressor!r} returned {type(out).__name__}: expected "
@@ -252,33 +361,100 @@ class PlaceholderMLLM(nnx.Module, abc.ABC):
             slot = jnp.where(valid, jnp.asarray(out.keep_idx, jnp.int32), n)  # n: dropped
             rows = jnp.arange(count)[:, None]
             outs.append(
-                jnp.zeros((count, n, d), features.dtype)
+                jnp.zeros((count, n, d), feats.dtype)
                 .at[rows, slot]
-                .set(toks.astype(features.dtype), mode="drop")
+                .set(toks.astype(feats.dtype), mode="drop")
                 .reshape(-1, d)
             )
             kept.append(
                 jnp.zeros((count, n), bool).at[rows, slot].set(True, mode="drop").reshape(-1)
             )
-        if off != features.shape[0]:
-            raise ValueError(f"feature_groups cover {off} of {features.shape[0]} image features")
+        if off != feats.shape[0]:
+            raise ValueError(f"feature_groups cover {off} of {feats.shape[0]} image features")
         return jnp.concatenate(outs, 0), jnp.concatenate(kept, 0)
+
+    def _signals(self, images: Any) -> ImageSignals:
+        """The image signals ``self.compressor`` asks for (only those)."""
+        comp = self.compressor
+        if comp is None:
+            return ImageSignals(self.image_features(images))
+        layers = None
+        if _accepts(comp, "layer_cls_attention"):
+            layers = getattr(comp, "cls_attention_layers", None)
+        try:
+            return self.image_signals(
+                images,
+                cls_attention=_accepts(comp, "cls_attention"),
+                cls_attention_layers=None if layers is None else tuple(layers),
+                features=_accepts(comp, "features"),
+            )
+        except ValueError as err:
+            raise self._compressor_error(err) from err
+
+    def _in_llm_layout(self, images: Any, image_mask: jax.Array) -> int:
+        """Static image tokens per row for the in-LLM compressor (module doc); checks eagerly
+        that every row holds that many."""
+        b = image_mask.shape[0]
+        total = self.num_image_features(images)
+        name = f"{type(self).__name__} with in-LLM compressor {self.cfg.compressor!r}"
+        if total % b:
+            raise ValueError(
+                f"{name}: the {total} image tokens do not split evenly over the batch of {b}; "
+                "in-LLM compression here needs every row to hold the same number of image tokens"
+            )
+        n = total // b
+        if _is_concrete(image_mask):
+            counts = np.asarray(image_mask).sum(axis=1)
+            if (counts != n).any():
+                raise ValueError(
+                    f"{name}: rows hold {counts.tolist()} image tokens; in-LLM compression here "
+                    f"needs every row to hold the same number ({n} = {total} / {b})"
+                )
+        return n
 
     def embed_inputs(self, tokens, images=None, lengths=None, *, start=None):
         """Decoder inputs: ``(embeds [B, T, D], positions | None, lengths [B], aux)``.
 
-        Without a compressor ``aux = {}``. With one, rows are compacted (module doc) and ``aux``
-        holds ``index [B, T]`` (where token ``t``'s logits are read), ``kept [B, T]`` (original
-        tokens the decoder sees) and ``num_image_tokens [B]`` (kept image tokens per row)."""
+        With images, ``aux`` holds ``token_types [B, T]`` (``ops.masks`` TEXT / IMAGE / PAD, in
+        the decoder's layout) and ``num_image_tokens [B]`` (image tokens per row the decoder
+        sees); with a pre-LLM compressor rows are compacted (module doc) and ``aux`` also holds
+        ``index [B, T]`` (where token ``t``'s logits are read) and ``kept [B, T]`` (original
+        tokens the decoder sees); with an in-LLM one, ``in_llm_image_tokens`` (static ``N``)."""
         tokens, lengths, image_mask = self.check_inputs(tokens, images, lengths)
         embeds = self.language.embed_tokens(tokens)
         positions = self.positions(tokens, images, lengths, start)
         if images is None:
             return embeds, positions, lengths, {}
-        feats = self.image_features(images)
-        if getattr(self, "compressor", None) is None:
-            return scatter_features(embeds, image_mask, feats), positions, lengths, {}
-        feats, kept = self.compress_features(feats, images)
+        b, t = tokens.shape
+        valid = jnp.arange(t)[None, :] < lengths[:, None]
+
+        def stats(mask, valid):
+            types = jnp.where(
+                valid, jnp.where(mask, masks_lib.IMAGE, masks_lib.TEXT), masks_lib.PAD
+            )
+            return {
+                "token_types": types.astype(jnp.int32),
+                "num_image_tokens": jnp.sum(mask & valid, axis=1).astype(jnp.int32),
+            }
+
+        if self.compressor is None:
+            aux = stats(image_mask, valid)
+            if self.in_llm_compressor is not None:
+                aux["in_llm_image_tokens"] = self._in_llm_layout(images, image_mask)
+            feats = self.image_features(images)
+            return scatter_features(embeds, image_mask, feats), positions, lengths, aux
+        sig = self._signals(images)
+        text = {}
+        if _accepts(self.compressor, "text_embeds"):
+            k = sig.tokens.shape[0]
+            text_lengths, _, text_embeds = compact_rows(valid & ~image_mask, embeds)
+            flat = jnp.nonzero(image_mask.reshape(-1), size=max(k, 1), fill_value=0)[0]
+            text = {
+                "text_embeds": text_embeds,
+                "text_lengths": text_lengths,
+                "feature_row": (flat // t).astype(jnp.int32),
+            }
+        feats, kept = self.compress_features(sig, images, text)
         embeds = scatter_features(embeds, image_mask, feats)
         slot_kept = (
             scatter_features(
@@ -288,46 +464,84 @@ class PlaceholderMLLM(nnx.Module, abc.ABC):
             )[..., 0]
             > 0.5
         )
-        t = tokens.shape[1]
-        live = (jnp.arange(t)[None, :] < lengths[:, None]) & (~image_mask | slot_kept)
+        live = valid & (~image_mask | slot_kept)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], tokens.shape)
         axis = 2 if positions.ndim == 3 else 1
-        new_lengths, index, embeds = compact_rows(live, embeds)
+        new_lengths, index, embeds, mask_c = compact_rows(live, embeds, image_mask)
         _, _, positions = compact_rows(live, positions, axis=axis)
-        aux = {
-            "index": index,
-            "kept": live,
-            "num_image_tokens": jnp.sum(live & image_mask, axis=1).astype(jnp.int32),
-        }
+        aux = stats(mask_c, jnp.arange(t)[None, :] < new_lengths[:, None])
+        aux.update(index=index, kept=live)
         return embeds, positions, new_lengths, aux
 
+    def _hooks(self, aux, query_end, layer_hook):
+        if "in_llm_image_tokens" not in aux:
+            return layer_hook, None
+        return in_llm_hooks(
+            self.in_llm_compressor,
+            self.language,
+            aux["token_types"],
+            query_end,
+            aux["in_llm_image_tokens"],
+            layer_hook,
+        )
+
     def __call__(
-        self, tokens, images=None, *, lengths=None, logits_at=None, layer_hook=None, block_fn=None
+        self,
+        tokens,
+        images=None,
+        *,
+        lengths=None,
+        logits_at=None,
+        layer_hook=None,
+        block_fn=None,
+        prompt_lengths=None,
     ) -> LanguageOutput:
         """``tokens [B, T]`` (image tokens expanded), ``images`` (subclass format) or None ->
-        the decoder's ``LanguageOutput`` (``logits [B, T, V]`` aligned with ``tokens``);
-        ``logits_at`` / ``layer_hook`` / ``block_fn`` go to ``LanguageModel.__call__``."""
-        embeds, positions, lengths, aux = self.embed_inputs(tokens, images, lengths)
-        if "index" in aux:  # compressed: read logits back at the original token indices
-            index = aux["index"]
-            if logits_at is not None:
-                logits_at = jnp.asarray(logits_at, jnp.int32)
-                if logits_at.ndim != 2 or logits_at.shape[0] != index.shape[0]:
-                    raise ValueError(
-                        f"logits_at shape={tuple(logits_at.shape)}: expected int "
-                        f"[{index.shape[0]}, Q]"
-                    )
-                index = jnp.take_along_axis(index, logits_at, axis=1)
+        the decoder's ``LanguageOutput`` (``logits [B, T, V]`` aligned with ``tokens``, or
+        ``[B, Q, V]`` at ``logits_at [B, Q]``); ``layer_hook`` / ``block_fn`` go to
+        ``LanguageModel.__call__`` (``block_fn`` cannot be combined with an in-LLM compressor
+        that brings its own, p-MoD). ``prompt_lengths [B]`` (in-LLM compressors): only the
+        first ``prompt_lengths`` tokens rate image tokens, so a forward pass over prompt +
+        answer drops what ``prefill`` of the prompt drops. With an in-LLM compressor,
+        ``state.extra["visual_tokens"] [B, depth]`` counts the image tokens each block saw."""
+        embeds, positions, new_lengths, aux = self.embed_inputs(tokens, images, lengths)
+        b, t = embeds.shape[:2]
+        query_end = new_lengths
+        if prompt_lengths is not None:
+            pl = jnp.asarray(prompt_lengths, jnp.int32)
+            if pl.shape != (b,):
+                raise ValueError(f"prompt_lengths shape={tuple(pl.shape)}: expected int [{b}]")
+            query_end = jnp.clip(pl, 0, new_lengths)
+        hook, comp_block_fn = self._hooks(aux, query_end, layer_hook)
+        if comp_block_fn is not None and block_fn is not None:
+            raise ValueError(
+                f"block_fn: compressor {self.cfg.compressor!r} brings its own block_fn; pass none"
+            )
+        block_fn = comp_block_fn or block_fn
+        index = aux.get("index")
+        if logits_at is not None:
+            logits_at = jnp.asarray(logits_at, jnp.int32)
+            if logits_at.ndim != 2 or logits_at.shape[0] != b:
+                raise ValueError(f"logits_at shape={tuple(logits_at.shape)}: expected int [{b}, Q]")
+            if index is not None:  # compressed: read logits back at the original indices
+                logits_at = jnp.take_along_axis(index, logits_at, axis=1)
+        elif index is not None:
             logits_at = index
-        return self.language(
+        dropping = hook is not layer_hook or comp_block_fn is not None
+        out = self.language(
             embeds,
             positions=positions,
-            lengths=lengths,
-            logits_at=logits_at,
-            layer_hook=layer_hook,
+            lengths=new_lengths,
+            logits_at=jnp.zeros((b, 1), jnp.int32) if dropping else logits_at,
+            layer_hook=hook,
             block_fn=block_fn,
         )
+        if dropping:
+            if logits_at is None:
+                logits_at = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+            out = out._replace(logits=logits_after_drop(self.language, out, logits_at))
+        return out
 
     def prompt_length(self, tokens_shape: tuple[int, ...], images: Any = None) -> int:
         """KV slots a prompt takes: ``T`` (no splicing)."""
@@ -336,17 +550,31 @@ class PlaceholderMLLM(nnx.Module, abc.ABC):
 
     def prefill(self, tokens, images, lengths, cache: KVCache):
         """Writes the prompt into ``cache``: ``(logits [B, V] at each row's last valid token,
-        cache, aux={})``; positions continue at ``cache.positions``."""
+        cache, aux)``; positions continue at ``cache.positions``. ``aux``: with an in-LLM
+        compressor, ``visual_tokens_per_layer [B, depth]``."""
         if not isinstance(cache, KVCache):
             raise ValueError(f"cache={type(cache).__name__}: expected a KVCache")  # noqa: TRY004
-        embeds, positions, lengths, _ = self.embed_inputs(
+        embeds, positions, lengths, aux = self.embed_inputs(
             tokens, images, lengths, start=cache.positions
         )
         last = jnp.maximum(lengths - 1, 0)[:, None]
+        hook, block_fn = self._hooks(aux, lengths, None)
         out = self.language(
-            embeds, positions=positions, lengths=lengths, cache=cache, logits_at=last
+            embeds,
+            positions=positions,
+            lengths=lengths,
+            cache=cache,
+            logits_at=last,
+            layer_hook=hook,
+            block_fn=block_fn,
         )
-        return out.logits[:, 0], out.cache, {}
+        logits = out.logits
+        info = {}
+        if hook is not None or block_fn is not None:
+            logits = logits_after_drop(self.language, out, last)
+            if "visual_tokens" in out.state.extra:
+                info["visual_tokens_per_layer"] = out.state.extra["visual_tokens"]
+        return logits[:, 0], out.cache, info
 
     def decode(self, tokens: jax.Array, cache: KVCache):
         """One decode step: ``tokens [B, 1]`` -> (float32 logits ``[B, V]``, cache)."""

@@ -21,6 +21,9 @@ processor's order and needs no permutation.
 Qwen2-VL blocks: LayerNorm, GELU-family MLP (``quick_gelu``), LayerNorm merger. Qwen2.5-VL
 blocks: RMSNorm, SwiGLU MLP with biases, RMSNorm merger, window attention. Both: fused ``qkv``
 projection with bias, output projection with bias, eps ``1e-6``.
+
+For visual-token compressors, ``probe_blocks`` adds the mean-query attention probe of chosen
+blocks (:func:`mean_query_probe`: the ViT has no [CLS]; per full-attention frame or per window).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "QwenVisionOutput",
     "QwenVisionTransformer",
     "check_grid_thw",
+    "mean_query_probe",
     "vision_layout",
 ]
 
@@ -295,13 +299,47 @@ class PatchMerger(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class QwenVisionOutput:
     """``merged [N / merge^2, out_dim]`` (LLM-ready image tokens, per image in order, raster
-    over merged rows/cols) and ``hidden [N, D]`` (last block's output, patch order)."""
+    over merged rows/cols), ``hidden [N, D]`` (last block's output, patch order) and ``probes
+    [L, N] | None`` (float32 mean-query attention probe of each requested block, see
+    :func:`mean_query_probe`)."""
 
     merged: jax.Array
     hidden: jax.Array
+    probes: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(QwenVisionOutput, data_fields=["merged", "hidden"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    QwenVisionOutput, data_fields=["merged", "hidden", "probes"], meta_fields=[]
+)
+
+
+def mean_query_probe(
+    attn: VisionAttention, x: jax.Array, positions: jax.Array, segments: np.ndarray
+) -> jax.Array:
+    """Mean-query attention probe of a ViT block per attention segment: float32 ``[N]``.
+
+    ``x [1, N, D]`` is the attention input (after ``norm1``), ``segments [N]`` (static ints) the
+    block's attention segments (frames of images for full-attention blocks, windows for
+    Qwen2.5-VL's window blocks). For each segment ``s`` the query is the mean of its post-RoPE
+    queries ``q_bar_s = mean_{i in s} q_i`` and token ``j`` gets ``mean_heads softmax_{j in s}
+    (q_bar_s . k_j / sqrt(head_dim))``: the definition ``nn.vision`` uses for encoders without
+    [CLS] (``attention_row(query_index="mean")``), over the keys the block attends to, so the
+    scores sum to 1 within each segment. ``O(N * heads * head_dim)``; no ``N x N`` map."""
+    seg_np = np.asarray(segments)
+    _, seg = np.unique(seg_np, return_inverse=True)
+    num = int(seg.max()) + 1
+    seg = jnp.asarray(seg.reshape(-1), jnp.int32)
+    qkv = attn.qkv(x)
+    q = rope_ops.apply_rope_2d(qkv[:, :, 0], positions, theta=attn.cfg.rope_theta)[0]
+    k = rope_ops.apply_rope_2d(qkv[:, :, 1], positions, theta=attn.cfg.rope_theta)[0]
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)  # [N, H, d]
+    count = jax.ops.segment_sum(jnp.ones(seg.shape, jnp.float32), seg, num)
+    q_bar = jax.ops.segment_sum(q, seg, num) / count[:, None, None]
+    logits = jnp.einsum("nhd,nhd->nh", q_bar[seg], k) / np.sqrt(q.shape[-1])
+    peak = jax.ops.segment_max(logits, seg, num)
+    e = jnp.exp(logits - peak[seg])
+    probs = e / jax.ops.segment_sum(e, seg, num)[seg]
+    return probs.mean(axis=-1)
 
 
 class QwenVisionTransformer(nnx.Module):
@@ -331,10 +369,21 @@ class QwenVisionTransformer(nnx.Module):
         m = self.cfg.spatial_merge_size
         return sum(t * h * w for t, h, w in check_grid_thw(grid_thw, m)) // (m * m)
 
-    def __call__(self, patches: jax.Array, grid_thw: Any) -> QwenVisionOutput:
+    def __call__(
+        self, patches: jax.Array, grid_thw: Any, *, probe_blocks: Sequence[int] = ()
+    ) -> QwenVisionOutput:
         """``patches [N, C*T*P*P]`` float, ``grid_thw`` static ``[num_images, 3]`` ->
-        :class:`QwenVisionOutput`."""
+        :class:`QwenVisionOutput`; ``probe_blocks``: block indices (in ``[0, depth)``) whose
+        :func:`mean_query_probe` on their input fills ``probes``, in that order."""
         cfg = self.cfg
+        probe_blocks = tuple(probe_blocks)
+        if any(
+            isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < cfg.depth
+            for i in probe_blocks
+        ):
+            raise ValueError(
+                f"probe_blocks={probe_blocks!r}: expected block indices in [0, {cfg.depth})"
+            )
         grid_thw = check_grid_thw(grid_thw, cfg.spatial_merge_size)
         n = sum(t * h * w for t, h, w in grid_thw)
         if getattr(patches, "ndim", None) != 2 or tuple(patches.shape) != (n, cfg.patch_dim):
@@ -349,8 +398,13 @@ class QwenVisionTransformer(nnx.Module):
         full = masks_lib.segment_ids(jnp.asarray(frames)[None])
         windowed = None if windows is None else masks_lib.segment_ids(jnp.asarray(windows)[None])
         x = self.patch_embed(patches.astype(jnp.dtype(cfg.dtype)))[None]
+        rows = {}
         for i, block in enumerate(self.blocks):
             mask = windowed if cfg.is_window_block(i) else full
+            if i in probe_blocks:
+                seg = windows if cfg.is_window_block(i) else frames
+                rows[i] = mean_query_probe(block.attn, block.norm1(x), positions, seg)
             x = block(x, positions=positions, mask=mask)
         hidden = x[0]
-        return QwenVisionOutput(merged=self.merger(hidden), hidden=hidden)
+        probes = jnp.stack([rows[i] for i in probe_blocks]) if probe_blocks else None
+        return QwenVisionOutput(merged=self.merger(hidden), hidden=hidden, probes=probes)
