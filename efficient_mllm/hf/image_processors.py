@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,30 @@ def _image_processor_config(path: str) -> dict:
     )
 
 
+def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
+    """``image_mean`` / ``image_std``: 3 values each, no zero std (image and video processors)."""
+    for name, v in (("image_mean", mean), ("image_std", std)):
+        if len(tuple(v)) != 3:
+            raise ValueError(f"{name}: expected 3 values (R, G, B), got {v!r}")
+    if any(float(s) == 0 for s in std):
+        raise ValueError(f"image_std: expected non-zero values, got {std!r}")
+
+
+def set_qwen_geometry(obj: Any, min_pixels: int, max_pixels: int, **sizes: int) -> None:
+    """Checks and sets ``min_pixels <= max_pixels`` and the positive patch sizes (``patch_size``,
+    ``temporal_patch_size``, ``merge_size``, ...) on a Qwen2-VL image or video processor."""
+    if not 0 < int(min_pixels) <= int(max_pixels):
+        raise ValueError(
+            "min_pixels, max_pixels: expected 0 < min_pixels <= max_pixels, got "
+            f"({min_pixels}, {max_pixels})"
+        )
+    for name, v in sizes.items():
+        if int(v) < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        setattr(obj, name, int(v))
+    obj.min_pixels, obj.max_pixels = int(min_pixels), int(max_pixels)
+
+
 class _ImageProcessor:
     """Shared settings: constructor keywords are the HF config keys of the same name."""
 
@@ -71,11 +96,7 @@ class _ImageProcessor:
             raise ValueError(
                 f"resample: expected a PIL resampling filter (0..5), got {resample!r}"
             ) from None
-        for name, v in (("image_mean", mean), ("image_std", std)):
-            if len(tuple(v)) != 3:
-                raise ValueError(f"{name}: expected 3 values (R, G, B), got {v!r}")
-        if any(float(s) == 0 for s in std):
-            raise ValueError(f"image_std: expected non-zero values, got {std!r}")
+        check_mean_std(mean, std)
         self.do_resize, self.resample = bool(do_resize), int(resample)
         self.do_rescale, self.rescale_factor = bool(do_rescale), float(rescale_factor)
         self.do_normalize = bool(do_normalize)
@@ -268,22 +289,10 @@ class Qwen2VLImageProcessor(_ImageProcessor):
         size = dict(size or {})
         lo = size.get("shortest_edge", size.get("min_pixels", 56 * 56))
         hi = size.get("longest_edge", size.get("max_pixels", 28 * 28 * 1280))
-        lo = lo if min_pixels is None else min_pixels
-        hi = hi if max_pixels is None else max_pixels
-        if not 0 < int(lo) <= int(hi):
-            raise ValueError(
-                f"min_pixels, max_pixels: expected 0 < min_pixels <= max_pixels, got ({lo}, {hi})"
-            )
-        for name, v in (
-            ("patch_size", patch_size),
-            ("temporal_patch_size", temporal_patch_size),
-            ("merge_size", merge_size),
-        ):
-            if int(v) < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        self.min_pixels, self.max_pixels = int(lo), int(hi)
-        self.patch_size, self.merge_size = int(patch_size), int(merge_size)
-        self.temporal_patch_size = int(temporal_patch_size)
+        set_qwen_geometry(self, lo if min_pixels is None else min_pixels,
+                          hi if max_pixels is None else max_pixels,
+                          patch_size=patch_size, temporal_patch_size=temporal_patch_size,
+                          merge_size=merge_size)
 
     @property
     def factor(self) -> int:

@@ -16,12 +16,19 @@ Each piece gives what the transformers 5.x processor (PIL backend) gives for the
   ``processor(text or messages, images)`` -> ``input_ids``, ``attention_mask``, ``pixel_values``
   (channels first, float32, as HF) and the family's extras, with the image placeholder expanded
   to the number of vision tokens.
+- Videos (Qwen2-VL, Qwen2.5-VL): :class:`Qwen2VLProcessor` / :class:`Qwen2_5_VLProcessor` with a
+  ``hf.video_processors.Qwen2VLVideoProcessor`` take ``videos=`` (uint8 ``[T, H, W, C]`` frames)
+  and expand each ``<|video_pad|>`` to ``t*h*w / merge_size**2`` tokens; they return
+  ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids`` 2 on video tokens and
+  (Qwen2.5-VL) ``second_per_grid_ts = temporal_patch_size / fps`` (``video_fps``, default 24 as
+  HF without metadata).
 
 Pixels equal HF's exactly: the same PIL resize calls on uint8 images, then the same float64
 rescale and float32 normalisation. Inputs are PIL images or uint8 ``[H, W, C]`` arrays
 (C in 1, 3, 4; alpha is composited on white, as HF does); images are always converted to RGB.
-Not implemented: videos, torch tensors as input, the torchvision ("fast") resize, which
-differs slightly from PIL's.
+Not implemented: torch tensors as input, the torchvision ("fast") image resize, which
+differs slightly from PIL's (videos use torch's uint8 resize, as HF's video processor does),
+video decoding and frame sampling.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from efficient_mllm.hf.image_processors import (
     SiglipImageProcessor,
     _image_processor_config,
 )
+from efficient_mllm.hf.video_processors import Qwen2VLVideoProcessor, _video_processor_config
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
@@ -71,6 +79,8 @@ __all__ = [
     "PretrainedTokenizer",
     "Qwen2VLImageProcessor",
     "Qwen2VLProcessor",
+    "Qwen2VLVideoProcessor",
+    "Qwen2_5_VLProcessor",
     "SiglipImageProcessor",
     "center_crop",
     "patchify_qwen2vl",
@@ -89,8 +99,9 @@ def _is_conversation(x) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and isinstance(x[0], Mapping) and "role" in x[0]
 
 
-def _images_in_messages(conversation) -> list:
-    """Image payloads of ``{"type": "image", "image" | "path": ...}`` blocks, in order."""
+def _images_in_messages(conversation, kind: str = "image") -> list:
+    """Payloads of ``{"type": kind, kind | "path": ...}`` blocks, in order (image paths are
+    opened; videos must be given as frames)."""
     from PIL import Image
 
     found = []
@@ -99,15 +110,21 @@ def _images_in_messages(conversation) -> list:
         if not isinstance(content, (list, tuple)):
             continue
         for block in content:
-            if not isinstance(block, Mapping) or block.get("type") != "image":
+            if not isinstance(block, Mapping) or block.get("type") != kind:
                 continue
-            if block.get("image") is not None:
-                found.append(block["image"])
-            elif block.get("path") is not None:
+            if block.get(kind) is not None:
+                found.append(block[kind])
+            elif block.get("path") is not None and kind == "image":
                 found.append(Image.open(block["path"]))
             elif block.get("url") is not None:
                 raise ValueError(
-                    f"messages: image urls are not fetched ({block['url']!r}); pass the image"
+                    f"messages: {kind} urls are not fetched ({block['url']!r}); pass the "
+                    f"{'image' if kind == 'image' else 'frames (uint8 [T, H, W, C])'}"
+                )
+            elif block.get("path") is not None:
+                raise ValueError(
+                    f"messages: video files are not decoded ({block['path']!r}); pass the "
+                    "frames (uint8 [T, H, W, C])"
                 )
     return found
 
@@ -116,6 +133,8 @@ class _Processor(abc.ABC):
     """Text + images -> model inputs; subclasses define the placeholder expansion."""
 
     image_token: str
+    video_token: str | None = None  # set with a video_processor (Qwen2-VL family)
+    video_processor = None
     default_padding_side: str | None = None
     _extra_tokens: tuple[str, ...] = ()  # other placeholders this family refuses (videos)
 
@@ -163,6 +182,8 @@ class _Processor(abc.ABC):
         text=None,
         images=None,
         *,
+        videos=None,
+        video_fps=None,
         add_generation_prompt: bool = False,
         add_special_tokens: bool | None = None,
         padding: bool | str = False,
@@ -174,11 +195,20 @@ class _Processor(abc.ABC):
         """Model inputs for ``text`` (a string, a list of strings, a conversation or a list of
         conversations, rendered with the chat template) and ``images`` (taken from the
         conversation's image blocks when not given). Each placeholder in the text takes the next
-        image. Returns numpy arrays (``return_tensors="np"``) or lists (``None``)."""
+        image; each video placeholder the next of ``videos`` (families with a video processor;
+        ``video_fps``: one fps or one per video, for Qwen2.5-VL's ``second_per_grid_ts``).
+        Returns numpy arrays (``return_tensors="np"``) or lists (``None``)."""
+        if videos is not None and self.video_token is None:
+            raise ValueError(
+                f"videos: {type(self).__name__} has no video processor (videos not supported)"
+            )
         if text is None:
-            if images is None:
-                raise ValueError("text, images: at least one of them is needed")
-            return dict(self.image_processor(images))
+            if images is None and videos is None:
+                raise ValueError("text, images, videos: at least one of them is needed")
+            out = {} if images is None else dict(self.image_processor(images))
+            if videos is not None:
+                out.update(self._video_outputs(self.video_processor(videos), video_fps))
+            return out
         add_special = True if add_special_tokens is None else add_special_tokens
         if _is_conversation(text) or (
             isinstance(text, (list, tuple)) and text and all(_is_conversation(c) for c in text)
@@ -193,6 +223,9 @@ class _Processor(abc.ABC):
             if images is None:
                 found = [im for c in batch for im in _images_in_messages(c)]
                 images = found or None
+            if videos is None and self.video_token is not None:
+                found = [v for c in batch for v in _images_in_messages(c, "video")]
+                videos = found or None
             bos = self.tokenizer.named_special_tokens.get("bos_token")
             if add_special_tokens is None and bos is not None and texts[0].startswith(bos):
                 add_special = False  # the template wrote the BOS already
@@ -211,8 +244,11 @@ class _Processor(abc.ABC):
                 f"conversations, got {type(text).__name__}"
             )
         for tok in self._extra_tokens:
-            if any(tok in t for t in texts):
-                raise ValueError(f"text: {tok!r} placeholders (videos) are not supported")
+            if tok != self.video_token and any(tok in t for t in texts):
+                raise ValueError(
+                    f"text: {tok!r} placeholders (videos) are not supported without a "
+                    "video_processor"
+                )
         n_slots = sum(t.count(self.image_token) for t in texts)
         image_list = [] if images is None else self.image_processor._as_list(images)
         if n_slots != len(image_list):
@@ -230,6 +266,30 @@ class _Processor(abc.ABC):
                 )
                 for t in texts
             ]
+        video_inputs = {}
+        if self.video_token is not None:
+            n_slots = sum(t.count(self.video_token) for t in texts)
+            video_list = [] if videos is None else self.video_processor._as_list(videos)
+            if n_slots != len(video_list):
+                raise ValueError(
+                    f"videos: the text has {n_slots} {self.video_token!r} placeholders but "
+                    f"{len(video_list)} videos were given"
+                )
+            if video_list:
+                video_inputs = self.video_processor(video_list)
+                m2 = self.video_processor.merge_size**2
+                reps = iter(
+                    self.video_token * (int(np.prod(thw)) // m2)
+                    for thw in video_inputs["video_grid_thw"]
+                )
+                texts = [
+                    "".join(
+                        piece if i == 0 else next(reps) + piece
+                        for i, piece in enumerate(t.split(self.video_token))
+                    )
+                    for t in texts
+                ]
+                video_inputs = self._video_outputs(video_inputs, video_fps)
         out = self.tokenizer(
             texts,
             add_special_tokens=add_special,
@@ -240,10 +300,14 @@ class _Processor(abc.ABC):
         )
         out.update(self._text_extras(out["input_ids"]))
         out.update(self._image_outputs(image_inputs))
+        out.update(video_inputs)
         return out
 
     def _text_extras(self, input_ids) -> dict:
         return {}
+
+    def _video_outputs(self, video_inputs: dict, video_fps) -> dict:
+        return dict(video_inputs)
 
     def _image_outputs(self, image_inputs: dict) -> dict:
         return dict(image_inputs)
@@ -332,10 +396,11 @@ class LlavaProcessor(_Processor):
 
 
 class Qwen2VLProcessor(_Processor):
-    """Qwen2-VL / Qwen2.5-VL (HF ``Qwen2VLProcessor``): each ``<|image_pad|>`` becomes
-    ``t*h*w / merge_size**2`` copies. Returns ``input_ids``, ``attention_mask``,
-    ``mm_token_type_ids`` (1 on image tokens), ``pixel_values`` (patch rows) and
-    ``image_grid_thw``."""
+    """Qwen2-VL (HF ``Qwen2VLProcessor``): each ``<|image_pad|>`` becomes ``t*h*w /
+    merge_size**2`` copies, and with a ``video_processor`` each ``<|video_pad|>`` likewise.
+    Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` (1 on image tokens, 2 on
+    video tokens), ``pixel_values`` (patch rows) and ``image_grid_thw``; with videos also
+    ``pixel_values_videos`` and ``video_grid_thw``."""
 
     _extra_tokens = ("<|video_pad|>",)
 
@@ -343,14 +408,28 @@ class Qwen2VLProcessor(_Processor):
         self,
         image_processor: Qwen2VLImageProcessor,
         tokenizer: PretrainedTokenizer,
+        video_processor: Qwen2VLVideoProcessor | None = None,
         *,
         image_token: str = "<|image_pad|>",
+        video_token: str = "<|video_pad|>",
         chat_template: str | None = None,
     ):
-        self.image_token = getattr(tokenizer, "named_special_tokens", {}).get(
-            "image_token", image_token
-        )
+        named = getattr(tokenizer, "named_special_tokens", {})
+        self.image_token = named.get("image_token", image_token)
         super().__init__(image_processor, tokenizer, chat_template)
+        if video_processor is not None:
+            if not isinstance(video_processor, Qwen2VLVideoProcessor):
+                raise ValueError(
+                    f"video_processor: expected a Qwen2VLVideoProcessor, got "
+                    f"{type(video_processor).__name__}"
+                )
+            self.video_processor = video_processor
+            self.video_token = named.get("video_token", video_token)
+            self.video_token_id = tokenizer.token_to_id(self.video_token)
+            if self.video_token_id is None:
+                raise ValueError(
+                    f"tokenizer: the video token {self.video_token!r} is not in its vocabulary"
+                )
 
     def _replacements(self, image_inputs):
         m2 = self.image_processor.merge_size**2
@@ -359,17 +438,50 @@ class Qwen2VLProcessor(_Processor):
         ]
 
     def _text_extras(self, input_ids) -> dict:
+        vid = getattr(self, "video_token_id", None)
+
+        def types(row):
+            row = np.asarray(row)
+            return (row == self.image_token_id) * 1 + (row == vid) * 2 if vid is not None else (
+                (row == self.image_token_id) * 1)
+
         if isinstance(input_ids, np.ndarray):
-            return {"mm_token_type_ids": (input_ids == self.image_token_id).astype(np.int64)}
-        return {
-            "mm_token_type_ids": [[int(i == self.image_token_id) for i in row] for row in input_ids]
-        }
+            return {"mm_token_type_ids": types(input_ids).astype(np.int64)}
+        return {"mm_token_type_ids": [[int(v) for v in types(row)] for row in input_ids]}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Qwen2VLProcessor:
+        """Tokenizer, image processor and video processor (``video_preprocessor_config.json``,
+        else HF's defaults with the image processor's patch / merge / temporal sizes)."""
         image_processor = Qwen2VLImageProcessor.from_config(_image_processor_config(path))
+        saved = _video_processor_config(path)
+        video_cfg = saved or {
+            "patch_size": image_processor.patch_size,
+            "merge_size": image_processor.merge_size,
+            "temporal_patch_size": image_processor.temporal_patch_size,
+        }
         tok = PretrainedTokenizer.from_pretrained(path)
-        return cls(image_processor, tok, chat_template=tok.chat_template)
+        video_processor = None
+        if saved or tok.token_to_id("<|video_pad|>") is not None:
+            video_processor = Qwen2VLVideoProcessor.from_config(video_cfg)
+        return cls(image_processor, tok, video_processor, chat_template=tok.chat_template)
+
+
+class Qwen2_5_VLProcessor(Qwen2VLProcessor):
+    """Qwen2.5-VL (HF ``Qwen2_5_VLProcessor``): :class:`Qwen2VLProcessor` plus
+    ``second_per_grid_ts`` (float64 ``[V]``), ``temporal_patch_size / fps`` per video, with
+    ``video_fps`` one number or one per video (default 24, HF's fps without metadata)."""
+
+    def _video_outputs(self, video_inputs: dict, video_fps) -> dict:
+        n = len(video_inputs["video_grid_thw"])
+        fps = 24 if video_fps is None else video_fps
+        fps = [fps] * n if isinstance(fps, (int, float, np.number)) else list(fps)
+        if len(fps) != n or not all(float(f) > 0 for f in fps):
+            raise ValueError(f"video_fps={video_fps!r}: expected a number > 0 or one per video ({n})")
+        out = dict(video_inputs)
+        tp = self.video_processor.temporal_patch_size
+        out["second_per_grid_ts"] = np.asarray([tp / f for f in fps], np.float64)
+        return out
 
 
 class InternVLProcessor(_Processor):

@@ -7,8 +7,9 @@ are both read; ``config_to_hf`` writes the nested form. Tensor names are the tra
 names (``model.visual.*``, ``model.language_model.*``, ``lm_head.weight``); the older layout of
 hub checkpoints (``visual.*``, ``model.layers.*``) is mapped by ``canonical_name``.
 
-Not covered: video inputs (the vision tower and positions handle images only), Qwen2's
-sliding-window decoder layers (``use_sliding_window=True`` raises, as in ``hf.llama``).
+Videos: ``video_token_id`` and (Qwen2.5-VL) ``vision_config.tokens_per_second`` are read into
+``QwenVLConfig`` (temporal M-RoPE ids of video tokens, ``nn.qwen2_vl`` module doc). Not covered:
+Qwen2's sliding-window decoder layers (``use_sliding_window=True`` raises, as in ``hf.llama``).
 """
 
 from __future__ import annotations
@@ -187,7 +188,14 @@ class Qwen2VLFamily(Family):
         tid = hf_config.get("image_token_id", hf_config.get("image_token_index"))
         if tid is None:
             raise ValueError("hf_config has no 'image_token_id'")
-        return QwenVLConfig(language=language, vision=vision, image_token_id=int(tid))
+        vid = hf_config.get("video_token_id", hf_config.get("video_token_index"))
+        tps = vis.get("tokens_per_second") if model_type == "qwen2_5_vl" else None
+        if model_type == "qwen2_5_vl" and tps is None:
+            tps = 4  # transformers' Qwen2_5_VLVisionConfig default
+        return QwenVLConfig(
+            language=language, vision=vision, image_token_id=int(tid),
+            video_token_id=None if vid is None else int(vid), tokens_per_second=tps,
+        )
 
     def config_to_hf(self, config, original_hf_config=None):
         original = copy.deepcopy(original_hf_config or {})
@@ -224,6 +232,9 @@ class Qwen2VLFamily(Family):
             vis.update(hidden_size=v.width, out_hidden_size=v.out_dim,
                        intermediate_size=v.mlp_dim, window_size=v.window_size,
                        fullatt_block_indexes=list(v.fullatt_block_indexes))
+            if config.tokens_per_second is not None:
+                tps = config.tokens_per_second
+                vis["tokens_per_second"] = int(tps) if float(tps).is_integer() else tps
         vis["model_type"] = f"{model_type}_vision"
         out = {k: val for k, val in original.items() if k not in text}  # drop flat text keys
         out.update(
@@ -231,6 +242,8 @@ class Qwen2VLFamily(Family):
             vision_config=vis, image_token_id=config.image_token_id,
             tie_word_embeddings=lang.tie_embeddings,
         )
+        if config.video_token_id is not None:
+            out["video_token_id"] = config.video_token_id
         out.pop("rope_scaling", None)
         out.pop("torch_dtype", None)
         out["dtype"] = lang.param_dtype

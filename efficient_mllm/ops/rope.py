@@ -47,6 +47,7 @@ __all__ = [
     "rope_cos_sin",
     "rope_inv_freq",
     "rotate_half",
+    "temporal_offsets",
 ]
 
 _REQUIRED = {
@@ -334,7 +335,7 @@ def mrope_positions(token_types, grid: tuple[int, int], *, lengths=None):
     return positions, next_position.astype(jnp.int32)
 
 
-def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval: int = 1):
+def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval=1):
     """3D M-RoPE position ids for sequences holding images of different grids (Qwen2-VL's
     ``get_rope_index`` for images).
 
@@ -344,7 +345,11 @@ def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval: int 
     Image ``i`` is ``t * h * w`` consecutive tokens in raster order over (frame, row, col). A text
     token gets ``t = h = w = p`` (``p`` its running position); an image starting at running
     position ``s`` gives its token ``(f, r, c)`` the ids ``(s + f * time_interval, s + r, s + c)``
-    and the next token continues at ``s + max(h, w)``. Differences from ``get_rope_index``: two
+    and the next token continues at ``s + max(h, w)``. ``time_interval``: one int for every
+    grid, or one number per grid (videos: Qwen2.5-VL's ``tokens_per_second *
+    second_per_grid``); a non-integer interval gives frame ``f`` the temporal offset
+    ``trunc(float32(f) * float32(interval))``, as Hugging Face computes it in float32 (the
+    largest offset may then exceed ``max(h, w)``). Differences from ``get_rope_index``: two
     images with no text token between them are still two images here (Hugging Face's grouping of
     ``mm_token_type_ids`` would merge them; its processors always separate images by
     vision start/end tokens).
@@ -359,8 +364,7 @@ def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval: int 
     grids = tuple(tuple(int(g) for g in grid) for grid in grids)
     if any(len(g) != 3 or min(g) <= 0 for g in grids):
         raise ValueError(f"grids={grids!r}: expected a sequence of (t, h, w) positive ints")
-    if isinstance(time_interval, bool) or not isinstance(time_interval, (int, np.integer)):
-        raise ValueError(f"time_interval={time_interval!r}: expected an int")
+    intervals = _time_intervals(time_interval, len(grids))
     b, t = image_mask.shape
     valid = jnp.ones((b, t), bool)
     if lengths is not None:
@@ -384,11 +388,12 @@ def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval: int 
     # Static tables over the global image-token index: frame, row, col, and the running-position
     # increment the token contributes (max(h, w) on an image's last token, else 0).
     tabs = []
-    for gt, gh, gw in grids:
-        f, r, c = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+    for (gt, gh, gw), interval in zip(grids, intervals):
+        f, r, c = np.meshgrid(temporal_offsets(gt, interval), np.arange(gh), np.arange(gw),
+                              indexing="ij")
         step = np.zeros(gt * gh * gw, np.int64)
         step[-1] = max(gh, gw)
-        tabs.append(np.stack([f.reshape(-1) * time_interval, r.reshape(-1), c.reshape(-1), step]))
+        tabs.append(np.stack([f.reshape(-1), r.reshape(-1), c.reshape(-1), step]))
     table = jnp.asarray(np.concatenate(tabs, axis=1).astype(np.int32))  # [4, total]
     flat = is_img.reshape(-1).astype(jnp.int32)
     index = (jnp.cumsum(flat) - flat).reshape(b, t)  # global image-token index (exclusive)
@@ -405,6 +410,34 @@ def mrope_grid_positions(image_mask, grids, *, lengths=None, time_interval: int 
     ).astype(jnp.int32)
     nxt = jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1
     return positions, nxt.astype(jnp.int32)
+
+
+def _time_intervals(time_interval, n: int) -> tuple:
+    """``time_interval`` (one int, or one int / float per grid) as ``n`` per-grid values."""
+    def bad(v):
+        return isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+
+    if isinstance(time_interval, (Sequence, np.ndarray)):
+        values = tuple(time_interval)
+        if len(values) != n or any(bad(v) or not v >= 0 for v in values):
+            raise ValueError(
+                f"time_interval={time_interval!r}: expected one number >= 0 per grid ({n})"
+            )
+        return values
+    if bad(time_interval) or isinstance(time_interval, (float, np.floating)):
+        raise ValueError(
+            f"time_interval={time_interval!r}: expected an int or one number per grid"
+        )
+    return (int(time_interval),) * n
+
+
+def temporal_offsets(frames: int, interval=1) -> np.ndarray:
+    """Temporal M-RoPE offsets of ``frames`` frames: ``f * interval`` for an int interval,
+    else ``trunc(float32(f) * float32(interval))`` (Hugging Face's float32 ``.long()``)."""
+    if isinstance(interval, (int, np.integer)) and not isinstance(interval, bool):
+        return np.arange(frames, dtype=np.int64) * int(interval)
+    prod = np.arange(frames).astype(np.float32) * np.float32(interval)
+    return np.trunc(prod).astype(np.int64)
 
 
 def _is_concrete(x) -> bool:
