@@ -15,20 +15,29 @@ With ``config.init_from`` set to a directory written by ``python -m experiments.
   ``special_tokens_map.json``); the image token is the model's ``image_token_id``; a missing
   pad token becomes the EOS token (padding is masked out of the loss). Without a
   ``tokenizer.json`` the dataset's own tokenizer is used when its ids fit the model (vocabulary
-  size and image token id), else ``ValueError``.
+  size and image token id), else ``ValueError`` (always for Qwen / InternVL, whose image
+  wrapper tokens come from the checkpoint's tokenizer).
 - data: prompts keep the project's VQA format ``<bos> <image> question ? answer <eos>`` (not the
-  model's chat template); images are resized to the vision tower's size and renormalised with
-  ``image_mean`` / ``image_std`` of ``hf/preprocessor_config.json`` when it exists;
-  ``data.seq_len = 0`` becomes the longest encoded row among the first 512 of each split plus
-  a margin (a longer row later raises, nothing is truncated).
+  model's chat template); ``data.seq_len = 0`` becomes the longest encoded row among the first
+  512 of each split plus a margin (a longer row later raises, nothing is truncated).
+  LLaVA: images are resized to the vision tower's size and renormalised with ``image_mean`` /
+  ``image_std`` of ``hf/preprocessor_config.json`` when it exists.
+  Qwen2-VL / Qwen2.5-VL / InternVL (one image token per feature): every batch goes through
+  ``train.placeholder_batches.PlaceholderBatches``: images (dataset size, or
+  ``data.image_size``) run through the checkpoint's HF image processor (Qwen: smart resize +
+  patchify; InternVL: tiles + thumbnail), the placeholder becomes the family's wrapper + ``N``
+  image tokens as HF's processor writes them (no loss on any inserted slot), and a tokenizer
+  without a BOS (Qwen's) starts the prompt at the image. The model is the family's with a
+  batch axis on its image input (``BatchedQwenVL`` / ``BatchedInternVL``, same parameters).
 
 :func:`export_hf` writes the trained model as HF ``config.json`` + safetensors + the tokenizer
-files (``train_and_evaluate`` does it to ``<workdir>/hf_export``); a compressor's own
-parameters have no place in the HF format and are left out (they stay in the orbax checkpoint).
+/ processor files (``train_and_evaluate`` does it to ``<workdir>/hf_export``); a compressor's
+own parameters have no place in the HF format and are left out (they stay in the orbax
+checkpoint).
 
-Supported: checkpoints whose family builds an ``MLLM`` with a vision tower (LLaVA). Qwen2-VL /
-InternVL take differently shaped image inputs and Llama / Qwen2 have no ``MLLM`` call signature:
-``ValueError``. Export runs in a single process only (multi-process runs skip it with a warning).
+Supported: ``llava``, ``qwen2_vl``, ``qwen2_5_vl`` and ``internvl`` checkpoints, one image per
+row. Llama / Qwen2 (text-only) checkpoints: ``ValueError``. Export runs in a single process
+only (multi-process runs skip it with a warning).
 """
 
 from __future__ import annotations
@@ -116,11 +125,21 @@ def export_hf(trainer: Any, out_dir: str | os.PathLike, *, dtype: str | None = N
     return src.export(trainer.state.params, out_dir, dtype=dtype)
 
 
-def checkpoint_tokenizer(hf_dir: str, model_config: Any, ds: Any) -> Any:
-    """The tokenizer that encodes the data for the checkpoint's model (module doc)."""
+def checkpoint_tokenizer(
+    hf_dir: str, model_config: Any, ds: Any, *, require_bos: bool = True,
+    require_file: bool = False,
+) -> Any:
+    """The tokenizer that encodes the data for the checkpoint's model (module doc).
+    ``require_bos=False``: a tokenizer without a BOS token is accepted (its ``bos_id`` stays
+    None); ``require_file``: no fallback to the dataset's tokenizer."""
     vocab = int(model_config.language.vocab_size)
     image_id = model_config.image_token_id
     if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        if require_file:
+            raise ValueError(
+                f"init_from: {hf_dir!r} has no tokenizer.json; expected the checkpoint's "
+                "tokenizer there (its image wrapper tokens are needed)"
+            )
         tok = ds.tokenizer
         if tok is None or ds.vocab_size > vocab or tok.image_token_id != image_id:
             raise ValueError(
@@ -134,7 +153,7 @@ def checkpoint_tokenizer(hf_dir: str, model_config: Any, ds: Any) -> Any:
     from efficient_mllm.hf.processors import PretrainedTokenizer
 
     tok = PretrainedTokenizer.from_pretrained(hf_dir)
-    for name in ("bos", "eos"):
+    for name in ("bos", "eos") if require_bos else ("eos",):
         if getattr(tok, f"{name}_id") is None:
             raise ValueError(
                 f"init_from: the tokenizer in {hf_dir!r} defines no {name}_token "
@@ -205,6 +224,7 @@ def converted_components(config: Any):
     from efficient_mllm.hf.converted import converted_config
     from efficient_mllm.nn.mllm import MLLMConfig
     from efficient_mllm.train.loop import Components, build_dataset_of, data_components
+    from efficient_mllm.train.placeholder_batches import PlaceholderBatches, is_placeholder_config
 
     path = os.path.abspath(os.fspath(config.init_from))
     if not os.path.isdir(path):
@@ -213,10 +233,12 @@ def converted_components(config: Any):
             "`python -m experiments.convert`"
         )
     family, base, hf_config, meta = converted_config(path)
-    if not isinstance(base, MLLMConfig) or base.vision is None:
+    placeholder = is_placeholder_config(base)
+    if not placeholder and not (isinstance(base, MLLMConfig) and base.vision is not None):
         raise ValueError(
             f"init_from = {config.init_from!r}: model_type {meta['model_type']!r} does not build "
-            "an MLLM with a vision tower; fine-tuning supports 'llava' checkpoints"
+            "a multimodal model with a vision tower; fine-tuning supports 'llava', 'qwen2_vl', "
+            "'qwen2_5_vl' and 'internvl' checkpoints"
         )
     mc = config.get("model") or {}
     spec = mc.get("compressor") if hasattr(mc, "get") else None
@@ -225,23 +247,38 @@ def converted_components(config: Any):
     if not ds.multimodal:
         raise ValueError(f"data.name = {ds.name!r} is text-only; expected a multimodal dataset")
     hf_dir = os.path.join(path, "hf")
-    tokenizer = checkpoint_tokenizer(hf_dir, model_config, ds)
-    hw = tuple(int(x) for x in np.broadcast_to(base.vision.image_size, (2,)))
+    tokenizer = checkpoint_tokenizer(hf_dir, model_config, ds, require_bos=not placeholder,
+                                     require_file=placeholder)
     dc = config.data
     want = dc.get("image_size", 0) or 0
-    if want and tuple(int(x) for x in np.broadcast_to(want, (2,))) != hw:
-        raise ValueError(
-            f"data.image_size = {want!r}: expected 0 or the vision tower's image size {hw}"
+    want_hw = tuple(int(x) for x in np.broadcast_to(want, (2,))) if want else None
+    split = config.eval.get("split", "validation")
+    if placeholder:
+        # Images keep the dataset's size (or data.image_size); the checkpoint's processor
+        # resizes / tiles them (train/placeholder_batches.py).
+        adapter = PlaceholderBatches.from_checkpoint(
+            model_config, hf_dir, hf_config, tokenizer, want_hw or ds.image_size
         )
-    seq_len = int(dc.get("seq_len", 0) or 0) or _seq_len(
-        ds, tokenizer, ("train", config.eval.get("split", "validation"))
-    )
+        data_tok, image_size, transform = adapter.data_tokenizer, want_hw, adapter
+    else:
+        hw = tuple(int(x) for x in np.broadcast_to(base.vision.image_size, (2,)))
+        if want_hw and want_hw != hw:
+            raise ValueError(
+                f"data.image_size = {want!r}: expected 0 or the vision tower's image size {hw}"
+            )
+        adapter, data_tok, image_size = None, tokenizer, hw
+        transform = _image_transform(hf_dir)
+    seq_len = int(dc.get("seq_len", 0) or 0) or _seq_len(ds, data_tok, ("train", split))
     train_loader, eval_batches, info = data_components(
-        config, ds, tokenizer, seq_len=seq_len, image_size=hw, transform=_image_transform(hf_dir)
+        config, ds, data_tok, seq_len=seq_len, image_size=image_size, transform=transform
     )
     info.update(init_from=path, model_type=meta["model_type"])
+    if adapter is not None:
+        info.update(image_tokens=adapter.tokens_per_image, seq_len=adapter.seq_len(seq_len))
 
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
+        if adapter is not None:
+            return adapter.build_model(model_config, rngs)
         return family.build(model_config, rngs)
 
     init = ConvertedInit(path=path, family=family, config=model_config, base_config=base,
