@@ -31,7 +31,9 @@ Steps (``config.study`` sets the parallelism and the time limit):
 
 Resumable: a finished model (``final_metrics.json``) is not retrained, an interrupted one
 resumes from its last checkpoint, and a row already written (``sweep/rows/<key>.json``) is not
-re-measured. ``study.deadline_s`` (> 0) is a soft wall-clock limit: no training starts later
+re-measured (a row is written as soon as it is measured, and again with its latency: a row of
+an invocation stopped before its latency phase keeps its accuracy / FLOPs / KV fields and says
+"latency not timed"). ``study.deadline_s`` (> 0) is a soft wall-clock limit: no training starts later
 than ``sweep_reserve_s`` before it (running ones are stopped at half that, to resume next
 time), sweep workers take no job later than ``finalize_reserve_s`` before it, and the tables
 are written with what is done (missing rows say so); running the same command again continues.
@@ -200,9 +202,10 @@ def _sweep_worker(
                     timer = None
             print(f"worker {worker}: {job.label} {row['budget_label']} {row['status']} "
                   f"acc={row.get('accuracy')} in {row.get('wall_s', 0):.1f} s", flush=True)
-            if timer is None:
-                _write_json(os.path.join(rows_dir, key + ".json"), row)
-            else:
+            # written now, so an interrupted invocation keeps it; rewritten once latency is timed
+            _write_json(os.path.join(rows_dir, key + ".json"), row if timer is None else {
+                **row, "note": (row.get("note") or "") + "latency not timed (interrupted)"})
+            if timer is not None:
                 pending.append((job, row, timer))
         _write_json(os.path.join(sweep_dir, f"phase1_{worker}.json"), {"pending": len(pending)})
         while wait_for_go and not os.path.exists(os.path.join(sweep_dir, "go")):

@@ -738,8 +738,11 @@ def finish_sweep(
     meta.update(extra_meta or {})
     ok_rows = [r for r in rows if r["status"] == "ok"]
     for key in ("prefill_gflops", "prefill_ms"):
-        front = pareto_front([r[key] for r in ok_rows], [r["accuracy"] for r in ok_rows])
-        for i, r in enumerate(ok_rows):
+        have = [r for r in ok_rows if r.get(key) is not None]  # latency may be missing
+        front = pareto_front([r[key] for r in have], [r["accuracy"] for r in have])
+        for r in ok_rows:
+            r[f"pareto_{key}"] = False
+        for i, r in enumerate(have):
             r[f"pareto_{key}"] = i in front
     result = {"meta": meta, "device": device, "baseline": base, "rows": rows}
     os.makedirs(workdir, exist_ok=True)

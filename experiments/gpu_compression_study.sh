@@ -7,6 +7,8 @@
 # stops itself after STUDY_DEADLINE_S seconds (default 470) and writes what is done; the same
 # call again on a still-warm machine resumes (models and rows under runs/ are kept).
 # Results go to $OUT (the files of benchmarks/ to copy back, README snippet, logs tarball).
+# STUDY_ARGS (optional): more --config.* overrides, e.g. the process counts
+#   STUDY_ARGS="--config.study.train_parallel=11 --config.study.sweep_workers=12".
 set -euo pipefail
 part=${1:-shapes}
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ run_part() {  # $1: shapes | digits | smoke (toy scale, 2 processes: checks the 
   fi
   python3 -m experiments.compression_study --config "configs/compression_sweep.py:$arg" \
     --workdir "runs/study_$p" --benchmark_out "$bench" \
-    --config.study.deadline_s="$deadline" ${extra[@]+"${extra[@]}"} 2>&1 | tee -a "runs/study_$p.log" \
+    --config.study.deadline_s="$deadline" ${extra[@]+"${extra[@]}"} ${STUDY_ARGS:-} 2>&1 | tee -a "runs/study_$p.log" \
     | grep -E '^\[study\]|Error' || true
   cp "$bench.md" "$bench.json" "$OUT/" || true
   cp "runs/study_$p/readme_table.md" "$OUT/readme_table_$p.md" || true
