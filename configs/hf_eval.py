@@ -4,7 +4,10 @@ The argument is the model directory (written by ``python -m experiments.convert`
 directory converted on the fly), optionally followed by ``,quick`` (3 budgets, 100 questions)
 or ``,smoke`` (2 methods, 2 budgets, 8 questions, a few tokens: a CI check). Defaults suit a
 LLaVA-1.5 checkpoint (special tokens ``<s>``, ``</s>``, ``<unk>``, ``<image>``; its pad is
-``<pad>``); override ``--config.hf.special.*`` for other tokenizers. The questions come from
+``<pad>``); override ``--config.hf.special.*`` for other LLaVA-style tokenizers. Converted
+Qwen2-VL / Qwen2.5-VL / InternVL directories need no override: their own tokenizer config and
+image processor are used (``experiments/hf_eval.py`` doc); ``<image>`` in
+``config.generate.prompts`` still marks the image. The questions come from
 ``config.data`` (default: the procedural ``shapes_vqa``, no download; set
 ``--config.data.name=vqa_folder --config.data.data_dir=DIR`` for your own images + JSON).
 

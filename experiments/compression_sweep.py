@@ -559,6 +559,13 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, x_key: str, x_labe
 
 def _model_summary(mcfg: Any) -> str:
     lang, vis = mcfg.language, mcfg.vision
+    if not hasattr(mcfg, "pixel_shuffle"):  # Qwen2-VL / Qwen2.5-VL / InternVL (hf_eval)
+        return (
+            f"{type(mcfg).__name__}: vision {type(vis).__name__} (width {vis.width}, depth "
+            f"{vis.depth}) -> decoder width {lang.width}, depth {lang.depth}, heads "
+            f"{lang.heads}/{lang.kv_heads} kv, mlp {lang.mlp_dim}, vocab {lang.vocab_size}, "
+            f"{lang.dtype}"
+        )
     return (
         f"ViT {vis.image_size[0]}px/patch {vis.patch_size} (width {vis.width}, depth "
         f"{vis.depth}, cls={vis.use_cls}) -> mlp2x_gelu (pixel shuffle {mcfg.pixel_shuffle}) -> "
@@ -705,13 +712,17 @@ def finish_sweep(
     device: str,
     wall_time_s: float,
     extra_meta: Mapping[str, Any] | None = None,
+    num_visual_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Relative accuracy (against the baseline row), Pareto flags, the table, the JSON and the
-    plots in ``workdir`` (and ``sweep.benchmark_out``). Returns the result with ``paths``."""
+    plots in ``workdir`` (and ``sweep.benchmark_out``). Returns the result with ``paths``.
+    ``num_visual_tokens``: uncompressed visual tokens per example (default the grid's)."""
     from efficient_mllm.evaluate.efficiency import relative_accuracy
 
     sweep = config.sweep
-    gh, gw = base_mcfg.grid
+    if num_visual_tokens is None:
+        gh, gw = base_mcfg.grid
+        num_visual_tokens = gh * gw
     base = next((r for r in rows if r["kind"] == "baseline"), None)
     base_acc = base["accuracy"] if base and base.get("status") == "ok" else float("nan")
     for r in rows:
@@ -721,7 +732,7 @@ def finish_sweep(
         "dataset": config.data.name,
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
         "step": step,
-        "num_visual_tokens": gh * gw,
+        "num_visual_tokens": int(num_visual_tokens),
         "model": json.loads(json.dumps(base_mcfg.to_dict(), default=str)),
         "model_summary": _model_summary(base_mcfg),
         "eval_split": config.eval.get("split", "validation"),

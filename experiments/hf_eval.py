@@ -1,6 +1,7 @@
 """Generation and the visual-token compression sweep on a converted Hugging Face model.
 
     python -m experiments.hf_eval --config configs/hf_eval.py:runs/llava15_7b
+    python -m experiments.hf_eval --config configs/hf_eval.py:runs/qwen25_vl_3b,quick
     python -m experiments.hf_eval --config configs/hf_eval.py:runs/llava15_7b,quick \
         --config.data.name=vqa_folder --config.data.data_dir=/path/to/vqa
 
@@ -9,8 +10,7 @@ model directory, converted on the fly). Steps:
 
 1. generation: each of ``config.generate.prompts`` (``<image>`` marks the image placeholder;
    the image is ``config.generate.image``, a file path, or scikit-learn's ``china.jpg`` sample
-   when empty)
-   is tokenized with the model's ``tokenizer.json`` and continued greedily
+   when empty) is tokenized with the model's tokenizer and continued greedily
    (``kvcache.generate``); prompts and continuations go to ``generations.json``.
 2. sweep (``config.sweep.enabled``): every training-free method x budget of ``config.sweep``
    (the templates of ``configs/compression_sweep.py``) is applied to the loaded weights
@@ -20,12 +20,32 @@ model directory, converted on the fly). Steps:
    latency); outputs as that experiment writes them (``compression_sweep.md`` / ``.json`` /
    Pareto plots).
 
-Images: the processor of ``efficient_mllm.hf.processors`` when the model directory has a
-``preprocessor_config.json`` (generation); dataset images are resized by the data pipeline
-(bilinear) and renormalised with the model's ``image_mean`` / ``image_std``. Dataset prompts use
-the project's VQA format (``<bos> <image> question ?``), not the model's chat template, so
-absolute accuracies of chat-tuned models are lower than with their template; the comparison
-between methods is what the sweep reports.
+Families: LLaVA (and other ``MLLMConfig`` models) and Qwen2-VL / Qwen2.5-VL / InternVL.
+
+- LLaVA: the tokenizer is ``tokenizer.json`` with ``config.hf.special``; generation images go
+  through ``efficient_mllm.hf.processors`` when the model directory has a
+  ``preprocessor_config.json``; dataset images are resized by the data pipeline (bilinear) and
+  renormalised with the model's ``image_mean`` / ``image_std``; ``n`` (visual tokens per
+  example) is the model's ``grid``.
+- Qwen2-VL / Qwen2.5-VL / InternVL: the checkpoint's tokenizer as fine-tuning reads it
+  (``train.finetune.checkpoint_tokenizer``; ``config.hf.special`` is not used), and every
+  prompt / batch goes through ``train.placeholder_batches.PlaceholderBatches``: the image runs
+  through the checkpoint's HF image processor at its own size (dataset images at the dataset's
+  size or ``data.image_size``; Qwen: smart resize + patchify, InternVL: tiles + thumbnail) and the
+  ``<image>`` placeholder becomes the family's wrapper + ``N`` image tokens; a tokenizer without
+  BOS (Qwen's) starts the prompt at the image. The sweep's models are the batched-image
+  ``BatchedQwenVL`` / ``BatchedInternVL`` with the loaded parameters. ``n`` is the model's
+  ``num_image_features`` of one example's image (checked against the expansion). InternVL runs
+  a pre-LLM compressor per tile, so budgets of pre-LLM methods are filled per tile
+  (``budget_tokens`` = tiles x keep); in-LLM methods (FastV, ...) rank a row's image tokens
+  jointly (keep of ``n``). FLOPs: ``evaluate.efficiency`` counts Qwen's ViT on the image's patch
+  grid (window attention of Qwen2.5-VL included) and InternViT per tile. One ``<image>`` per
+  prompt; methods a family cannot run (e.g. a grid-based pooling on Qwen's dynamic grid) give an
+  ``error`` row with the model's message.
+
+Dataset prompts use the project's VQA format (``<bos> <image> question ?``), not the model's
+chat template, so absolute accuracies of chat-tuned models are lower than with their template;
+the comparison between methods is what the sweep reports.
 """
 
 from __future__ import annotations
@@ -40,7 +60,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["hf_components", "load_model", "run_generation", "run_hf_eval", "run_hf_sweep"]
+__all__ = [
+    "hf_components",
+    "load_model",
+    "load_tokenizer",
+    "run_generation",
+    "run_hf_eval",
+    "run_hf_sweep",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -83,17 +110,50 @@ def tokenizer_for(hf_dir: str, special: Any):
     )
 
 
+def _placeholder(pre: Any) -> bool:
+    """Whether ``pre`` is a Qwen2-VL / Qwen2.5-VL / InternVL model (one token per feature)."""
+    from efficient_mllm.train.placeholder_batches import is_placeholder_config
+
+    return is_placeholder_config(pre.config)
+
+
+def load_tokenizer(config: Any, pre: Any, hf_dir: str):
+    """LLaVA / text models: :func:`tokenizer_for` with ``config.hf.special``; Qwen / InternVL:
+    the checkpoint's tokenizer as fine-tuning reads it (``finetune.checkpoint_tokenizer``:
+    special tokens from its tokenizer config, image token = the model's; no BOS required)."""
+    if not _placeholder(pre):
+        return tokenizer_for(hf_dir, config.hf.special)
+    from efficient_mllm.train.finetune import checkpoint_tokenizer
+
+    return checkpoint_tokenizer(hf_dir, pre.config, None, require_bos=False, require_file=True)
+
+
+class _AdapterFamily:
+    """``family.build`` of the batched-image model of a ``PlaceholderBatches`` adapter (for
+    ``hf.converted.build_with_params``)."""
+
+    def __init__(self, adapter: Any):
+        self.adapter = adapter
+
+    def build(self, cfg: Any, rngs: Any):
+        return self.adapter.build_model(cfg, rngs)
+
+
 def _text(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(np.asarray(x).item() if np.ndim(x) else x)
 
 
 def hf_components(config: Any, pre: Any, tokenizer: Any, hf_dir: str):
     """``train.loop.Components`` for the sweep: ``config.data`` encoded with the model's
-    tokenizer, images at the model's resolution and normalisation."""
+    tokenizer. LLaVA: images at the model's resolution and normalisation. Qwen / InternVL:
+    every batch through ``train.placeholder_batches.PlaceholderBatches`` (HF-equal pixels,
+    the placeholder expanded to the family's wrapper + image tokens); ``info["adapter"]`` holds
+    it and ``model_fn`` builds the batched-image model."""
     from efficient_mllm.data.datasets import build_dataset
     from efficient_mllm.data.pipeline import make_loader
     from efficient_mllm.train.loop import Components, _pad_batch
 
+    placeholder = _placeholder(pre)
     vis = pre.config.vision
     if vis is None:
         raise ValueError("the compression sweep needs a multimodal model (this one has no vision)")
@@ -104,13 +164,25 @@ def hf_components(config: Any, pre: Any, tokenizer: Any, hf_dir: str):
         )
     dc = config.data
     ds = build_dataset(dc.name, dc.get("data_dir") or None, **dict(dc.get("knobs") or {}))
+    adapter = None
+    if placeholder:  # images keep the dataset's size (or data.image_size): the HF processor
+        from efficient_mllm.train.placeholder_batches import PlaceholderBatches
+
+        want = dc.get("image_size", 0) or 0
+        hw = tuple(int(x) for x in np.broadcast_to(want, (2,))) if want else None
+        adapter = PlaceholderBatches.from_checkpoint(
+            pre.config, hf_dir, pre.hf_config, tokenizer, hw or ds.image_size
+        )
+        data_tok, image_size = adapter.data_tokenizer, hw
+    else:
+        data_tok, image_size = tokenizer, vis.image_size
     mean, std = _image_stats(hf_dir)
     seq_len = int(dc.get("seq_len", 0) or 0)
     if not seq_len:  # longest of the first 512 rows with this tokenizer, plus specials
         split = ds[config.eval.split]
         seq_len = 8 + max(
-            len(tokenizer.encode(_text(r["question"])))
-            + len(tokenizer.encode(" " + _text(r["answer"])))
+            len(data_tok.encode(_text(r["question"])))
+            + len(data_tok.encode(" " + _text(r["answer"])))
             for r in (split[i] for i in range(min(len(split), 512)))
         )
     batch = int(config.eval.batch_size)
@@ -118,10 +190,10 @@ def hf_components(config: Any, pre: Any, tokenizer: Any, hf_dir: str):
     def eval_batches():
         loader = make_loader(
             ds[config.eval.split],
-            tokenizer,
+            data_tok,
             batch_size=batch,
             seq_len=seq_len,
-            image_size=vis.image_size,
+            image_size=image_size,
             shuffle=False,
             num_epochs=1,
             drop_remainder=False,
@@ -129,21 +201,22 @@ def hf_components(config: Any, pre: Any, tokenizer: Any, hf_dir: str):
         )
         for b in loader:
             b = _pad_batch(b, batch)
-            if "image" in b:  # pipeline: (u - 0.5) / 0.5 -> the model's (u - mean) / std
+            if adapter is not None:
+                b = adapter(b)
+            elif "image" in b:  # pipeline: (u - 0.5) / 0.5 -> the model's (u - mean) / std
                 b["image"] = ((np.asarray(b["image"]) * 0.5 + 0.5) - mean) / std
             yield b
 
     def model_fn(rngs):
+        if adapter is not None:
+            return adapter.build_model(pre.config, rngs)
         return pre.family.build(pre.config, rngs)
 
-    return Components(
-        model_fn,
-        None,
-        eval_batches,
-        ds.question_types,
-        tokenizer,
-        {"dataset": ds.name, "seq_len": seq_len},
-    )
+    info = {"dataset": ds.name, "seq_len": seq_len}
+    if adapter is not None:
+        info.update(adapter=adapter, image_tokens=adapter.tokens_per_image,
+                    seq_len=adapter.seq_len(seq_len))
+    return Components(model_fn, None, eval_batches, ds.question_types, tokenizer, info)
 
 
 def run_generation(config: Any, pre: Any, tokenizer: Any, hf_dir: str) -> list[dict]:
@@ -153,12 +226,17 @@ def run_generation(config: Any, pre: Any, tokenizer: Any, hf_dir: str) -> list[d
     from efficient_mllm.kvcache.generate import generate
 
     gen = config.generate
-    image = None
-    if getattr(pre.config, "vision", None) is not None:
+    image = adapter = None
+    if _placeholder(pre):
+        image, adapter = _placeholder_image(str(gen.get("image", "") or ""), pre, tokenizer,
+                                            hf_dir)
+        tokenizer = adapter.data_tokenizer  # Qwen: a stand-in BOS that expand() removes
+    elif getattr(pre.config, "vision", None) is not None:
         image = _generation_image(str(gen.get("image", "") or ""), pre, hf_dir)
     out = []
     for prompt in gen.prompts:
-        ids = [tokenizer.bos_id] if gen.get("add_bos", True) else []
+        add_bos = gen.get("add_bos", True) and tokenizer.bos_id is not None
+        ids = [tokenizer.bos_id] if add_bos or (adapter is not None and adapter.drop_bos) else []
         parts = prompt.split("<image>")
         for i, part in enumerate(parts):
             if i:
@@ -166,6 +244,10 @@ def run_generation(config: Any, pre: Any, tokenizer: Any, hf_dir: str) -> list[d
             if part:
                 ids += tokenizer.encode(part)
         has_image = len(parts) > 1
+        if adapter is not None and has_image:  # the family's wrapper + N image tokens
+            ids = adapter.expand([ids], [[0] * len(ids)], [len(ids)])["tokens"][0].tolist()
+        elif adapter is not None and adapter.drop_bos:
+            ids = ids[1:]
         tokens = jnp.asarray([ids], jnp.int32)
         res = generate(
             pre.model,
@@ -179,16 +261,40 @@ def run_generation(config: Any, pre: Any, tokenizer: Any, hf_dir: str) -> list[d
     return out
 
 
+def _load_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    if path:
+        return np.asarray(Image.open(path).convert("RGB"))
+    from sklearn.datasets import load_sample_image
+
+    return load_sample_image("china.jpg")
+
+
+def _placeholder_image(path: str, pre: Any, tokenizer: Any, hf_dir: str):
+    """Qwen / InternVL: ``(images in the model's own format, PlaceholderBatches)`` for the
+    generation image at its own size (the checkpoint's processor resizes / tiles it)."""
+    import jax.numpy as jnp
+
+    from efficient_mllm.nn.qwen2_vl import QwenVLConfig, QwenVLImages
+    from efficient_mllm.train.placeholder_batches import PlaceholderBatches
+
+    img = _load_image(path)
+    adapter = PlaceholderBatches.from_checkpoint(
+        pre.config, hf_dir, pre.hf_config, tokenizer, img.shape[:2]
+    )
+    px = adapter.images(img[None].astype(np.uint8))[0]
+    if isinstance(pre.config, QwenVLConfig):  # patch rows of one image of grid (gh, gw)
+        gh, gw = adapter.grid
+        return QwenVLImages(jnp.asarray(px), ((1, gh, gw),)), adapter
+    return jnp.asarray(px), adapter  # InternVL: tiles [tiles, S, S, 3]
+
+
 def _generation_image(path: str, pre: Any, hf_dir: str):
     import jax.numpy as jnp
     from PIL import Image
 
-    if path:
-        img = np.asarray(Image.open(path).convert("RGB"))
-    else:
-        from sklearn.datasets import load_sample_image
-
-        img = load_sample_image("china.jpg")
+    img = _load_image(path)
     h, w = pre.config.vision.image_size
     if os.path.isfile(os.path.join(hf_dir, "preprocessor_config.json")):
         try:
@@ -204,8 +310,38 @@ def _generation_image(path: str, pre: Any, hf_dir: str):
     return jnp.asarray(((u - mean) / std)[None])
 
 
+def _visual_tokens(pre: Any, comps: Any, batches: list) -> tuple[int, int, Any]:
+    """``(n, n_unit, family)``: uncompressed visual tokens per example, the count a pre-LLM
+    compressor's budget applies to (InternVL: one tile; else ``n``) and the family building
+    the sweep's models. Qwen / InternVL: ``n`` from the model's ``num_image_features`` on the
+    first example's image (checked against the adapter's expansion)."""
+    adapter = comps.info.get("adapter")
+    if adapter is None:
+        gh, gw = pre.config.grid
+        return gh * gw, gh * gw, pre.family
+    from flax import nnx
+
+    family = _AdapterFamily(adapter)
+    model = nnx.eval_shape(lambda: family.build(pre.config, nnx.Rngs(0)))
+    n = int(model.num_image_features(model.model_images(np.asarray(batches[0]["image"])[:1])))
+    if n != adapter.tokens_per_image:
+        raise ValueError(
+            f"the model encodes {n} image tokens per image but the prompts hold "
+            f"{adapter.tokens_per_image}: expected them equal"
+        )
+    unit = n
+    if hasattr(pre.config, "tokens_per_image") and adapter.tiles > 1:  # InternVL: per tile
+        unit = int(pre.config.tokens_per_image)
+    return n, unit, family
+
+
 def run_hf_sweep(config: Any, pre: Any, comps: Any, workdir: str) -> dict:
-    """The compression sweep on the loaded weights (training-free methods only)."""
+    """The compression sweep on the loaded weights (training-free methods only).
+
+    ``n`` (budget 1.0) is the visual tokens of one example: LLaVA's ``grid``, Qwen's merged
+    image tokens, InternVL's tiles x tokens per tile. InternVL runs a pre-LLM compressor on
+    each tile, so its templates are filled for one tile's tokens (the row's ``budget_tokens``
+    = tiles x keep); in-LLM methods rank the row's image tokens jointly (budget of ``n``)."""
     import gc
 
     import jax
@@ -216,8 +352,6 @@ def run_hf_sweep(config: Any, pre: Any, comps: Any, workdir: str) -> dict:
 
     t_start = time.perf_counter()
     base = pre.config
-    gh, gw = base.grid
-    n = gh * gw
     params = nnx.state(pre.model, nnx.Param)
     batches, count = [], 0
     n_eval = int(config.sweep.get("eval_examples", 0) or 0)
@@ -226,8 +360,15 @@ def run_hf_sweep(config: Any, pre: Any, comps: Any, workdir: str) -> dict:
         count += int(np.sum(b.get("valid", np.ones(len(b["tokens"]), bool))))
         if n_eval and count >= n_eval:
             break
+    if not batches:
+        raise ValueError(f"eval split {config.eval.split!r} has no examples")
+    n, unit, family = _visual_tokens(pre, comps, batches)
+    jobs = cs.plan_jobs(config.sweep, n)
+    unit_jobs = cs.plan_jobs(config.sweep, unit) if unit != n else jobs
+    if [(j.label, j.frac) for j in unit_jobs] != [(j.label, j.frac) for j in jobs]:
+        raise ValueError("sweep: the per-tile plan differs from the per-example one")
     rows = []
-    for job in cs.plan_jobs(config.sweep, n):
+    for job, unit_job in zip(jobs, unit_jobs, strict=True):
         row = {
             "method": job.label,
             "budget": job.frac,
@@ -245,7 +386,12 @@ def run_hf_sweep(config: Any, pre: Any, comps: Any, workdir: str) -> dict:
             continue
         t0 = time.perf_counter()
         try:
-            model = build_with_params(pre.family, base.replace(compressor=job.spec), params)
+            model = build_with_params(family, base.replace(compressor=job.spec), params)
+            if unit_job is not job and getattr(model, "compressor", None) is not None:
+                model = build_with_params(family, base.replace(compressor=unit_job.spec), params)
+                keep = cs.budget_fields(job.frac, unit)["keep"] if job.frac else None
+                row.update(spec=unit_job.spec,
+                           budget_tokens=None if keep is None else keep * n // unit)
             model.eval()
             if job.kind != "baseline":
                 row["stage"] = "in_llm" if model.in_llm_compressor is not None else "pre_llm"
@@ -278,6 +424,7 @@ def run_hf_sweep(config: Any, pre: Any, comps: Any, workdir: str) -> dict:
         device=cs.device_summary(),
         wall_time_s=time.perf_counter() - t_start,
         extra_meta={"hf_model_type": pre.hf_config.get("model_type")},
+        num_visual_tokens=n,
     )
 
 
@@ -287,7 +434,7 @@ def run_hf_eval(config: Any, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     pre, hf_dir = load_model(config.hf.path)
-    tokenizer = tokenizer_for(hf_dir, config.hf.special)
+    tokenizer = load_tokenizer(config, pre, hf_dir)
     result: dict[str, Any] = {}
     if config.generate.prompts:
         result["generations"] = run_generation(config, pre, tokenizer, hf_dir)

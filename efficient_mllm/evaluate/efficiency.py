@@ -22,7 +22,14 @@ Every number reported next to an accuracy (ARCHITECTURE.md, convention 11):
     ``2 Np (p^2 C) Dv`` plus per block ``2 Nv (4 Dv^2) + 2 Nv (2 Dv Fv) + 4 Nv^2 Dv``
     (bidirectional: no halving);
   - projector (``mlp2x_gelu`` after an ``s x s`` pixel shuffle, ``N = Np / s^2`` tokens):
-    ``2 N (s^2 Dv) D + 2 N D^2``.
+    ``2 N (s^2 Dv) D + 2 N D^2``;
+  - InternVL: the same per tile (``images`` = tiles per example); Qwen2-VL / Qwen2.5-VL: the
+    ViT on the image's patch grid with its attention windows and the patch merger
+    (:func:`vision_flops`).
+
+  Placeholder models (Qwen2-VL / Qwen2.5-VL / InternVL, ``nn.placeholder_mllm``) report no
+  ``num_image_tokens`` / ``spliced_lengths`` from ``prefill``: the prompt's image slots give
+  them, or, with a pre-LLM compressor, the decoder input that block 0 cached.
 
   Not counted: element-wise work (norms, softmax, RoPE, activations), embedding lookups, and
   the small probes compressors run (a few query rows against the keys of one block, or the
@@ -142,22 +149,80 @@ def language_flops(
     return {"blocks": blocks, "lm_head": head, "total": blocks + head}
 
 
-def vision_flops(cfg: Any) -> dict[str, float]:
+def vision_flops(cfg: Any, *, grid: tuple[int, int] | None = None) -> dict[str, float]:
     """FLOPs of encoding one image: ``{"vit", "projector", "total"}`` (see the module
-    docstring); zeros for a text-only model."""
+    docstring); zeros for a text-only model.
+
+    InternVL (``InternVLConfig``): one tile (InternViT with [CLS], pixel shuffle by
+    ``1 / downsample_ratio``, two-layer projector); ``images`` in :func:`prefill_flops` counts
+    tiles. Qwen2-VL / Qwen2.5-VL (``QwenVLConfig``): one image of patch grid ``grid = (gh, gw)``
+    (default ``cfg.grid`` when ``cfg`` is a model holding one, as ``BatchedQwenVL``): patch
+    embedding ``2 N (C T P^2) Dv``, per block ``2 N (4 Dv^2) + MLP`` (``2 N 2 Dv F`` GELU,
+    ``2 N 3 Dv F`` SwiGLU) plus attention ``4 Dv sum_w n_w^2`` over its attention windows
+    (one window of ``N`` patches for full-attention blocks, Qwen2.5-VL's
+    ``window_size`` windows otherwise), merger ``2 (N / m^2) ((m^2 Dv)^2 + m^2 Dv D)``."""
     lang, mcfg = _cfgs(cfg)
-    if mcfg is None or mcfg.vision is None:
+    if mcfg is None or getattr(mcfg, "vision", None) is None:
         return {"vit": 0.0, "projector": 0.0, "total": 0.0}
     v = mcfg.vision
-    np_ = v.num_patches
-    nv = v.num_tokens  # patches + CLS
+    if hasattr(v, "spatial_merge_size"):  # Qwen2-VL / Qwen2.5-VL vision tower
+        return _qwen_vision_flops(v, lang, grid if grid is not None else getattr(cfg, "grid", None))
+    if hasattr(mcfg, "downsample_ratio"):  # InternVL: one tile, [CLS] + patches
+        s = int(round(1.0 / mcfg.downsample_ratio))
+        np_, nv = v.num_patches, v.num_patches + 1
+    elif hasattr(v, "num_tokens") and hasattr(mcfg, "pixel_shuffle"):  # LLaVA layout
+        s = mcfg.pixel_shuffle
+        np_, nv = v.num_patches, v.num_tokens  # patches + CLS
+    else:
+        raise ValueError(
+            f"vision_flops: no FLOP formula for {type(mcfg).__name__} with vision "
+            f"{type(v).__name__}; expected an MLLMConfig (LLaVA layout), InternVLConfig or "
+            "QwenVLConfig"
+        )
     dv, fv = v.width, v.mlp_dim
     patch = 2.0 * np_ * (v.patch_size**2 * v.channels) * dv
     per_block = 2.0 * nv * 4 * dv * dv + 2.0 * nv * 2 * dv * fv + 4.0 * nv * nv * dv
     vit = patch + v.depth * per_block
-    s = mcfg.pixel_shuffle
     n = np_ // (s * s)
     proj = 2.0 * n * (s * s * dv) * lang.width + 2.0 * n * lang.width * lang.width
+    return {"vit": vit, "projector": proj, "total": vit + proj}
+
+
+def _window_sizes(grid: tuple[int, int], v: Any) -> list[int]:
+    """Patches per attention window of a Qwen2.5-VL windowed block (edge windows partial)."""
+    m = v.spatial_merge_size
+    side = v.window_size // m // v.patch_size  # merged tokens per window side
+    gh, gw = grid[0] // m, grid[1] // m
+
+    def chunks(n):
+        return [min(side, n - i) for i in range(0, n, side)]
+
+    return [a * b * m * m for a in chunks(gh) for b in chunks(gw)]
+
+
+def _qwen_vision_flops(v: Any, lang: Any, grid: Any) -> dict[str, float]:
+    if grid is None:
+        raise ValueError(
+            "vision_flops: a Qwen2-VL / Qwen2.5-VL image's FLOPs depend on its patch grid; "
+            "expected grid=(gh, gw) or a model holding one (BatchedQwenVL)"
+        )
+    gh, gw = (int(x) for x in grid)
+    m = v.spatial_merge_size
+    if gh < 1 or gw < 1 or gh % m or gw % m:
+        raise ValueError(f"grid={grid!r}: expected positive sides divisible by merge size {m}")
+    n = gh * gw
+    dv, fv = v.width, v.mlp_dim
+    patch = 2.0 * n * (v.in_channels * v.temporal_patch_size * v.patch_size**2) * dv
+    mlp = 2.0 * n * (3 if v.mlp == "swiglu" else 2) * dv * fv
+    full = 4.0 * dv * n * n
+    windowed = full if not v.window_size else 4.0 * dv * sum(w * w for w in _window_sizes(
+        (gh, gw), v))
+    vit = patch
+    for i in range(v.depth):
+        att = full if (not v.window_size or i in tuple(v.fullatt_block_indexes)) else windowed
+        vit += 2.0 * n * 4 * dv * dv + mlp + att
+    hm = m * m * dv
+    proj = 2.0 * (n // (m * m)) * (hm * hm + hm * lang.width)
     return {"vit": vit, "projector": proj, "total": vit + proj}
 
 
@@ -284,7 +349,25 @@ def _prefill_jit(graphdef, state, tokens, images, lengths, *, capacity):
     cache = model.language.init_cache(tokens.shape[0], capacity)
     logits, cache, aux = model.prefill(tokens, images, lengths, cache)
     keep = ("num_image_tokens", "spliced_lengths", "visual_tokens_per_layer")
-    return logits, cache, {k: aux[k] for k in keep if k in aux}
+    aux = {k: aux[k] for k in keep if k in aux}
+    if images is not None and "spliced_lengths" not in aux:
+        aux.update(_placeholder_counts(model, tokens, lengths, cache))
+    return logits, cache, aux
+
+
+def _placeholder_counts(model, tokens, lengths, cache) -> dict:
+    """``num_image_tokens`` / ``spliced_lengths`` of a placeholder model's prefill (its aux has
+    neither): text = valid non-image tokens; a pre-LLM compressor drops image slots before the
+    decoder, so its decoder input is what block 0 cached (``cache.layers[0].length``), else the
+    prompt is unchanged (in-LLM drops are in ``visual_tokens_per_layer``)."""
+    valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    is_img = (tokens == model.cfg.image_token_id) & valid
+    if getattr(model, "compressor", None) is not None:
+        fed = cache.layers[0].length.astype(jnp.int32)
+        text = jnp.sum(valid & ~is_img, axis=1).astype(jnp.int32)
+        return {"num_image_tokens": fed - text, "spliced_lengths": fed}
+    return {"num_image_tokens": jnp.sum(is_img, axis=1).astype(jnp.int32),
+            "spliced_lengths": lengths.astype(jnp.int32)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -294,6 +377,8 @@ def _decode_jit(graphdef, state, tokens, cache):
 
 def _capacity(model: Any, tokens: Any, images: Any) -> int:
     """Static spliced prompt length of a batch (the KV slots its prefill fills)."""
+    if not hasattr(model, "spliced_length"):  # placeholder models: no splicing
+        return int(model.prompt_length(np.shape(tokens), images))
     return int(model.spliced_length(np.shape(tokens), None if images is None else np.shape(images)))
 
 
@@ -404,6 +489,13 @@ def _prefill_rows(model: Any, tokens: Any, images: Any, lengths: Any):
     return visual, total, kv, cache_row_bytes(cache), cache
 
 
+def _images_per_example(images: Any) -> float:
+    """Images (InternVL: tiles ``[B, tiles, S, S, C]``) each row encodes."""
+    if images is None:
+        return 0.0
+    return float(np.shape(images)[1]) if np.ndim(images) == 5 else 1.0
+
+
 def _summarize(model: Any, visual, total, kv, kv_real, ok, n_images: float) -> dict[str, Any]:
     if not ok.any():
         raise ValueError("valid: no row to count; expected at least one True")
@@ -452,7 +544,7 @@ def account(
     visual, total, kv, kv_real, cache = _prefill_rows(model, tokens, images, lengths)
     b = visual.shape[0]
     ok = np.ones(b, bool) if valid is None else np.asarray(valid, bool).reshape(b)
-    out = _summarize(model, visual, total, kv, kv_real, ok, 0.0 if images is None else 1.0)
+    out = _summarize(model, visual, total, kv, kv_real, ok, _images_per_example(images))
     out["rows"]["cache_used_nbytes"] = int(cache.used_nbytes())  # all rows, padding included
     return out
 
@@ -467,7 +559,7 @@ def account_batches(
     for batch in batches:
         toks, plen = prompt_batch(batch, pad_id)
         images = batch.get("image")
-        n_images = 0.0 if images is None else 1.0
+        n_images = _images_per_example(images)
         rows = _prefill_rows(model, toks, images, plen)[:4]
         ok = (
             np.ones(len(toks), bool)
