@@ -229,23 +229,32 @@ def bench_sparse(log, quick, results):
 
 
 def bench_library_path(log, quick, results):
-    """dot_product_attention(impl="pallas") at T = 32K: compile time (mask -> plan inside jit) and
-    run time next to impl="cudnn"; plus a mask cuDNN cannot express (segments + causal)."""
+    """dot_product_attention(impl="pallas") at T = 32K, forward and forward+backward: compile time
+    (mask -> plan inside jit) and run time next to impl="cudnn"; plus a mask cuDNN cannot express
+    (segments + causal). On Hopper impl="pallas" runs the Mosaic GPU forward (``kernel`` field)."""
+    from efficient_mllm.ops import pallas_attention as P
+
     t, n, h = 32768, 16, 128
+    kernel = "mosaic_gpu fwd + triton bwd" if P._is_hopper() else "triton"
     inputs = make_inputs(1, t, n, h)
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), t // 8)[None]
     for name, mask, impls in (("causal", M.causal(), ("pallas", "cudnn")),
                               ("segments&causal", M.segment_ids(seg) & M.causal(), ("pallas",))):
         for impl in impls:
-            fn = jax.jit(lambda q, k, v, impl=impl, mask=mask: A.dot_product_attention(q, k, v, mask=mask, impl=impl))
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*inputs[0]))
-            first = time.perf_counter() - t0
-            s = timeit(fn, inputs)
-            row = dict(kind="library", mask=name, impl=impl, T=t, heads=n, head_dim=h, first_call_s=first, s=s,
-                       tflops=flops(1, n, t, h, True, False) / s / 1e12)
-            results.append(row)
-            log(_fmt(row))
+            for bwd in (False, True):
+                def fwd(q, k, v, impl=impl, mask=mask):
+                    return A.dot_product_attention(q, k, v, mask=mask, impl=impl)
+
+                fn = jax.jit(_with_bwd(fwd) if bwd else fwd)
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*inputs[0]))
+                first = time.perf_counter() - t0
+                s = timeit(fn, inputs)
+                row = dict(kind="library", mask=name, impl=impl, pass_="fwd+bwd" if bwd else "fwd",
+                           kernel=kernel if impl == "pallas" else impl, T=t, heads=n, head_dim=h,
+                           first_call_s=first, s=s, tflops=flops(1, n, t, h, True, bwd) / s / 1e12)
+                results.append(row)
+                log(_fmt(row))
 
 
 # --- impl="mosaic": the Mosaic GPU forward (pallas_kernels/flash_attention/mosaic_gpu.py) ---------
