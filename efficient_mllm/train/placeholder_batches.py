@@ -34,6 +34,7 @@ the processors' torchvision ("fast") resize (PIL is used, as ``hf/image_processo
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from typing import Any
@@ -75,8 +76,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 class _BatchedImages:
     """Turns batched images into the model's format before the base class sees them."""
 
+    @abc.abstractmethod
     def model_images(self, images: Any) -> Any:
-        raise NotImplementedError
+        """Batched images -> what the family model takes (each concrete class implements it)."""
 
     def check_inputs(self, tokens, images=None, lengths=None):
         return super().check_inputs(tokens, self.model_images(images), lengths)
