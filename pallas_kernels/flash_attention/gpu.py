@@ -439,6 +439,31 @@ def _plan(block_map, tq, tk, tqp, tkp, bq, bk) -> common.BlockPlan:
     return common.make_block_plan(jnp.pad(bm, pad, constant_values=common.EMPTY))
 
 
+def plans_and_features(block_map, rowf, colf, b, tq, tk, fwd_tiles, bwd_tiles):
+    """Shared set-up of the GPU forward kernels (Triton and Mosaic): features and block map
+    brought to one batch mapping, lengths padded to every tile (powers of two, so the max), the
+    forward plan and the backward plan (``common.resample_block_map``: finer tiles inherit their
+    parent's class). Returns ``(rowf, colf, tqp, tkp, plan, plan_bwd)`` with padded features."""
+    (bq, bk), (bqb, bkb) = fwd_tiles, bwd_tiles
+    if rowf.shape[0] != colf.shape[0] and rowf.shape[1] and colf.shape[1]:
+        if rowf.shape[0] == 1:
+            rowf = jnp.broadcast_to(rowf, (b,) + rowf.shape[1:])
+        else:
+            colf = jnp.broadcast_to(colf, (b,) + colf.shape[1:])
+    fb = max(rowf.shape[0], colf.shape[0])
+    if fb > block_map.shape[0]:
+        block_map = jnp.broadcast_to(block_map, (fb,) + block_map.shape[1:])
+    bm_b = block_map.shape[0]
+    rowf = jnp.broadcast_to(rowf, (bm_b,) + rowf.shape[1:])
+    colf = jnp.broadcast_to(colf, (bm_b,) + colf.shape[1:])
+    tqp = common.cdiv(tq, max(bq, bqb)) * max(bq, bqb)
+    tkp = common.cdiv(tk, max(bk, bkb)) * max(bk, bkb)
+    plan = _plan(block_map, tq, tk, tqp, tkp, bq, bk)
+    bm_bwd = common.resample_block_map(block_map, (bq, bk), (bqb, bkb))
+    plan_bwd = _plan(bm_bwd, tq, tk, tqp, tkp, bqb, bkb)
+    return _pad_axis(rowf, 2, tqp), _pad_axis(colf, 2, tkp), tqp, tkp, plan, plan_bwd
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -486,31 +511,14 @@ def flash_attention(
     )
     b, tq, nq, d = q.shape
     tk = k.shape[1]
-    if rowf.shape[0] != colf.shape[0] and rowf.shape[1] and colf.shape[1]:
-        if rowf.shape[0] == 1:
-            rowf = jnp.broadcast_to(rowf, (b,) + rowf.shape[1:])
-        else:
-            colf = jnp.broadcast_to(colf, (b,) + colf.shape[1:])
-    # Feature arrays and the plan must agree on the batch mapping used by the kernels.
-    fb = max(rowf.shape[0], colf.shape[0])
-    if fb > block_map.shape[0]:
-        block_map = jnp.broadcast_to(block_map, (fb,) + block_map.shape[1:])
-    bm_b = block_map.shape[0]
-    rowf = jnp.broadcast_to(rowf, (bm_b,) + rowf.shape[1:])
-    colf = jnp.broadcast_to(colf, (bm_b,) + colf.shape[1:])
-    # Pad lengths to a multiple of every tile used (fwd and bwd; powers of two, so the max).
-    tqp = common.cdiv(tq, max(block_q, block_q_bwd)) * max(block_q, block_q_bwd)
-    tkp = common.cdiv(tk, max(block_k, block_k_bwd)) * max(block_k, block_k_bwd)
-    plan = _plan(block_map, tq, tk, tqp, tkp, block_q, block_k)
-    bm_bwd = common.resample_block_map(block_map, (block_q, block_k), (block_q_bwd, block_k_bwd))
-    plan_bwd = _plan(bm_bwd, tq, tk, tqp, tkp, block_q_bwd, block_k_bwd)
+    rowf, colf, tqp, tkp, plan, plan_bwd = plans_and_features(
+        block_map, rowf, colf, b, tq, tk, (block_q, block_k), (block_q_bwd, block_k_bwd)
+    )
 
     dp, dvp = _next_pow2(max(d, 16)), _next_pow2(max(v.shape[3], 16))
     qp = _pad_axis(_pad_axis(q, 3, dp), 1, tqp)
     kp = _pad_axis(_pad_axis(k, 3, dp), 1, tkp)
     vp = _pad_axis(_pad_axis(v, 3, dvp), 1, tkp)
-    rowf = _pad_axis(rowf, 2, tqp)
-    colf = _pad_axis(colf, 2, tkp)
     if num_warps is None:  # 128x64 tiles: 4 warps measured best at D=128, 4 or 8 at D=64
         num_warps = 4
     cfg = _Cfg(

@@ -421,20 +421,10 @@ def flash_attention_forward(
     )
     b, tq, nq, d = q.shape
     tk = k.shape[1]
-    # Feature arrays and the plan must agree on the batch mapping (as in gpu.flash_attention).
-    fb = max(rowf.shape[0], colf.shape[0])
-    if fb > block_map.shape[0]:
-        block_map = jnp.broadcast_to(block_map, (fb,) + block_map.shape[1:])
-    bm_b = block_map.shape[0]
-    rowf = jnp.broadcast_to(rowf, (bm_b,) + rowf.shape[1:])
-    colf = jnp.broadcast_to(colf, (bm_b,) + colf.shape[1:])
-    tqp = common.cdiv(tq, max(block_q, block_q_bwd)) * max(block_q, block_q_bwd)
-    tkp = common.cdiv(tk, max(block_k, block_k_bwd)) * max(block_k, block_k_bwd)
-    plan = gpu._plan(block_map, tq, tk, tqp, tkp, block_q, block_k)
-    bm_bwd = common.resample_block_map(block_map, (block_q, block_k), (block_q_bwd, block_k_bwd))
-    plan_bwd = gpu._plan(bm_bwd, tq, tk, tqp, tkp, block_q_bwd, block_k_bwd)
+    rowf, colf, tqp, tkp, plan, plan_bwd = gpu.plans_and_features(
+        block_map, rowf, colf, b, tq, tk, (block_q, block_k), (block_q_bwd, block_k_bwd)
+    )
     qp, kp, vp = gpu._pad_axis(q, 1, tqp), gpu._pad_axis(k, 1, tkp), gpu._pad_axis(v, 1, tkp)
-    rowf, colf = gpu._pad_axis(rowf, 2, tqp), gpu._pad_axis(colf, 2, tkp)
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
     softcap = None if softcap is None else float(softcap)
     if interpret is True:
