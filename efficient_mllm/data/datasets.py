@@ -205,7 +205,7 @@ def build_dataset(
             builder=builder,
         )
     tok = synthetic_tokenizer()
-    max_length = 2 + _MODULES[name].MAX_QUESTION_TOKENS + 2  # <bos> <image> question ? answer <eos>
+    max_length = _MODULES[name].max_row_tokens(cfg)
     return DatasetSplits(
         name,
         splits,

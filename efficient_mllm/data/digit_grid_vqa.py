@@ -14,6 +14,15 @@ Question types and the rule each answer follows from the scene:
 - ``count``: "how many times does the digit d appear" -> "0".."64".
 - ``compare``: "is the digit at row r column c larger than the digit to its right" (both cells
   filled) -> "yes" if strictly larger else "no".
+- ``read``: "read the grid" -> every cell, in a random order, as "row r column c" and its digit
+  or "none" ("row 2 column 3 7 row 1 column 1 none ..."): a grounded dense reading of the image
+  (as grounded captions are for Kosmos-2 or Shikra). Not asked by default: ``read_fraction``
+  mixes it into the train split only, so that a small model trained from scratch learns to find
+  a cell from its words and read it. The four question types alone give one weak, multi-hop
+  signal per image; models trained on them stay at the language prior (digit_at and where_is
+  at chance). The random order makes the coordinate words, not the position in the answer, say
+  which cell comes next (a raster-order "3 none 7 ..." answer taught digit_at much less: 72% vs
+  97% in the same GPU probe).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import numpy as np
 from efficient_mllm.data import common
 
 __all__ = [
+    "ASKED_TYPES",
     "MAX_GRID",
     "MAX_QUESTION_TOKENS",
     "POOLS",
@@ -36,29 +46,43 @@ __all__ = [
     "digit_pool",
     "generate_example",
     "load_digit_images",
+    "max_row_tokens",
     "vocabulary",
 ]
 
-QUESTION_TYPES = ("digit_at", "where_is", "count", "compare")
+QUESTION_TYPES = ("digit_at", "where_is", "count", "compare", "read")
+ASKED_TYPES = QUESTION_TYPES[:4]  # the default question_types (``read`` is opt-in)
 MAX_GRID = 8
 MAX_QUESTION_TOKENS = 16  # "is the digit at row 1 column 2 larger than the digit to its right ?"
+
+
+def max_row_tokens(cfg: DigitGridConfig) -> int:
+    """Longest encoded row: ``<bos> <image> question ? answer <eos>`` (a ``read`` answer has
+    ``5 * rows * cols`` words after the 4 of "read the grid ?")."""
+    longest = 2 + MAX_QUESTION_TOKENS + 2
+    if cfg.read_fraction > 0 or "read" in cfg.question_types:
+        longest = max(longest, 2 + 4 + 5 * cfg.rows * cfg.cols + 1)
+    return longest
 POOLS = {"train": (0, 1257), "validation": (1257, 1527), "test": (1527, 1797)}
 
 
 @dataclasses.dataclass(frozen=True)
 class DigitGridConfig:
-    """Knobs of ``digit_grid_vqa``. ``fill`` is the probability that a cell holds a digit."""
+    """Knobs of ``digit_grid_vqa``. ``fill`` is the probability that a cell holds a digit;
+    ``read_fraction`` the probability that a *train* example asks ``read`` instead of one of
+    ``question_types`` (validation and test never do)."""
 
     image_size: int = 64
     rows: int = 2
     cols: int = 2
     fill: float = 0.75
     clutter: float = 0.0
-    question_types: tuple = QUESTION_TYPES
+    question_types: tuple = ASKED_TYPES
     num_train: int = 2000
     num_validation: int = 200
     num_test: int = 200
     seed: int = 0
+    read_fraction: float = 0.0
 
     def __post_init__(self):
         common.check_int("image_size", self.image_size, 16, 4096)
@@ -66,6 +90,7 @@ class DigitGridConfig:
         common.check_int("cols", self.cols, 1, MAX_GRID)
         common.check_float("fill", self.fill, 0.0, 1.0)
         common.check_float("clutter", self.clutter, 0.0, 1.0)
+        common.check_float("read_fraction", self.read_fraction, 0.0, 1.0)
         object.__setattr__(
             self,
             "question_types",
@@ -120,6 +145,7 @@ def vocabulary() -> list[str]:
     ).split()
     words += [str(i) for i in range(MAX_GRID * MAX_GRID + 1)]
     words += [f"r{r}c{c}" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
+    words += ["read", "grid"]  # last, so the ids of the words above did not move
     return list(dict.fromkeys(words))
 
 
@@ -206,7 +232,22 @@ def _q_compare(rng, cells, cfg):
     return f"is the digit at row {r + 1} column {c + 1} larger than the digit to its right", ans
 
 
-_ASK = {"digit_at": _q_digit_at, "where_is": _q_where_is, "count": _q_count, "compare": _q_compare}
+def _q_read(rng, cells, cfg):
+    at = {(x["row"], x["col"]): str(x["digit"]) for x in cells}
+    cells_rc = [(r, c) for r in range(cfg.rows) for c in range(cfg.cols)]
+    order = [cells_rc[i] for i in rng.permutation(len(cells_rc))]
+    return "read the grid", " ".join(
+        f"row {r + 1} column {c + 1} {at.get((r, c), 'none')}" for r, c in order
+    )
+
+
+_ASK = {
+    "digit_at": _q_digit_at,
+    "where_is": _q_where_is,
+    "count": _q_count,
+    "compare": _q_compare,
+    "read": _q_read,
+}
 
 
 def generate_example(cfg: DigitGridConfig, split: str, index: int) -> dict[str, Any]:
@@ -216,6 +257,11 @@ def generate_example(cfg: DigitGridConfig, split: str, index: int) -> dict[str, 
         rng = common.example_rng(cfg.seed, split, index, attempt)
         cells = _sample_cells(rng, cfg, split)
         types = cfg.question_types
+        if split == "train" and cfg.read_fraction > 0:
+            # its own stream: the draw does not shift the scene's
+            mix = np.random.default_rng([cfg.seed, common.split_id(split), int(index), 0x4EAD])
+            if mix.random() < cfg.read_fraction:
+                types = ("read",)
         first = int(rng.integers(len(types)))
         order = [types[first]] + [types[i] for i in rng.permutation(len(types)) if i != first]
         for t in order:

@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from efficient_mllm.data import synthetic_tokenizer
 from efficient_mllm.nn.mllm import MLLMConfig
 from efficient_mllm.train.config import apply_overrides, load_config
 from efficient_mllm.train.loop import resolve_model_config
@@ -34,10 +35,11 @@ def test_config_loads_and_resolves(name):
     assert "COMMAND" in mod.__doc__ and "EXPECTED" in mod.__doc__
     multimodal = cfg.model.get("vision") is not None
     tok = types.SimpleNamespace(image_token_id=4)
-    ds = types.SimpleNamespace(name=cfg.data.name, vocab_size=187, multimodal=multimodal,
+    vocab = synthetic_tokenizer().vocab_size  # 189 since "read" and "grid" joined
+    ds = types.SimpleNamespace(name=cfg.data.name, vocab_size=vocab, multimodal=multimodal,
                                image_size=cfg.data.knobs.get("image_size"), tokenizer=tok)
     mcfg = MLLMConfig.from_dict(resolve_model_config(cfg.model.to_dict(), ds))
-    assert mcfg.language.vocab_size == 187
+    assert mcfg.language.vocab_size == vocab
     assert (mcfg.vision is not None) == multimodal
     if multimodal:
         assert mcfg.image_token_id == 4

@@ -132,6 +132,7 @@ def test_encode_vqa_prompt_format():
             ),
         ),
         ("digits", dict(image_size=128, rows=8, cols=8, fill=0.6)),
+        ("digits", dict(image_size=128, rows=8, cols=8, fill=0.6, read_fraction=0.5)),
     ],
 )
 def test_synthetic_vocabulary_covers_every_question(module, cfg):
@@ -149,4 +150,20 @@ def test_synthetic_vocabulary_covers_every_question(module, cfg):
         ids, _ = encode_vqa(tok, ex["question"], ex["answer"])
         assert tok.unk_id not in ids, ex["question"]
         longest = max(longest, len(ids))
-    assert longest <= 2 + mod.MAX_QUESTION_TOKENS + 2
+    assert longest <= mod.max_row_tokens(config)
+    if getattr(config, "read_fraction", 0) == 0:
+        assert mod.max_row_tokens(config) == 2 + mod.MAX_QUESTION_TOKENS + 2
+    else:
+        assert longest == mod.max_row_tokens(config)  # a full 8x8 read
+
+
+def test_synthetic_vocabulary_appends_read_words_last():
+    from efficient_mllm.data import digit_grid_vqa, shapes_vqa
+
+    tok = synthetic_tokenizer()
+    words = list(dict.fromkeys(shapes_vqa.vocabulary() + digit_grid_vqa.vocabulary()))
+    assert tok.vocab == list(SPECIAL_TOKENS) + words
+    # "read" and "grid" came last, so the ids of every earlier word are as before
+    assert tok.vocab[-2:] == ["read", "grid"] and tok.vocab_size == 189
+    assert "read" not in tok.vocab[:-2] and "grid" not in tok.vocab[:-2]
+    assert tok.encode("read the grid ?")[0] == 187
