@@ -67,12 +67,18 @@ FLOPs fall from 0.134 to 0.053 GFLOPs per example (the ViT, 0.045, is not compre
 layer-averaged tokens: FastV keeps 86-88% at every budget, SparseVLM 96-100%, ZipVL 94-101%.
 The standard error of each accuracy is about 3.3 points (200 questions).
 
+``digit_grid``: half the train examples are grounded "read the grid" answers (the dataset's
+``read_fraction`` knob; validation unchanged) in every mode, and the ``study`` trains 3000 steps at
+lr 1e-3: on the four question types alone the models stay at the language prior (~33%), see
+``benchmarks/digits_recipe_probe.md``.
+
 EXPECTED (``study``, measured on one NVIDIA H200, jax 0.11.2, ``bash
-experiments/gpu_compression_study.sh shapes`` / ``digits``): the 11 models of 1500 steps train
+experiments/gpu_compression_study.sh shapes`` / ``digits``): shapes' 11 models of 1500 steps train
 all at once in 310-390 s; the 94 distinct shapes rows then take about 10 more minutes in 12
-processes (two ~9-minute calls on one warm machine: the second resumes). Baselines: shapes_vqa
-66.4% exact match (500 questions, s.e. 2.1 pts; 68.4% in an earlier training run),
-digit_grid_vqa 33.4% / 34.2% (two runs; the language-prior plateau, see the README).
+processes (two ~9-minute calls on one warm machine: the second resumes). digits' 11 models of
+3000 steps take ~14 minutes and its 94 rows ~10 more (three calls, ~27 minutes held). Baselines:
+shapes_vqa 66.4% exact match (500 questions, s.e. 2.1 pts; 68.4% in an earlier training run),
+digit_grid_vqa 58.2% (digit_at 97.4%, compare 79.0%; count and where_is at the prior).
 Tables: ``benchmarks/compression_sweep_{shapes,digits}.md``.
 """
 

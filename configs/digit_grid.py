@@ -8,6 +8,10 @@ EXPECTED (measured on the shared 2-core development machine): a 600-step run
 (``--config.train.steps=600``, same data and model) reached 33.4% exact match on 500 validation
 questions (digit_at 29%, where_is 14%, count 44%, compare 47%), answer perplexity 2.23, at
 0.26 s/step (9.6 GFLOP/step, 0.6M parameters). The full 2000-step run has not been measured.
+That is the language prior: trained on the four question types alone, models do not learn to
+read the grid. ``--config.data.knobs.read_fraction=0.5`` mixes grounded "read the grid" answers
+into half the train examples, which (with lr 1e-3 and 3000 steps) took the compression study's
+8-layer model to 97% on digit_at (``benchmarks/digits_recipe_probe.md``).
 """
 
 import ml_collections
