@@ -94,3 +94,33 @@ def test_mqar_hybrid_stack_is_one_override():
     lc = LanguageConfig.from_dict(lang)
     assert lc.layer_specs() == ("linear_swa(window=64)", "softmax")
     assert lc.recurrent_layers == (0,)
+
+
+def test_digits_recipe_probe_variants_change_only_their_knobs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe", _path("digits_recipe_probe"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "COMMAND" in mod.__doc__
+    study = load_config(_path("compression_sweep"), "train,study,digit_grid")
+    assert (study.data.knobs.read_fraction, study.train.lr, study.train.steps) == (0.5, 1e-3, 3000)
+    for name, (read, lr, steps, mrope) in mod.VARIANTS.items():
+        cfg = load_config(_path("digits_recipe_probe"), name)
+        assert cfg.data.knobs.read_fraction == read and cfg.train.lr == lr
+        assert cfg.train.steps == steps
+        assert cfg.model.language.get("rope_type", "rope") == ("mrope" if mrope else "rope")
+        # everything else is the study's digits training config
+        a, b = cfg.to_dict(), study.to_dict()
+        for d in (a, b):
+            d.pop("name")
+            d["data"]["knobs"].pop("read_fraction")
+            d["train"].pop("lr")
+            d["train"].pop("steps")
+            d["model"]["language"].pop("rope_type", None)
+            d["model"]["language"].pop("mrope_sections", None)
+        assert a == b, name
+    # the study's own recipe is one of the variants
+    assert mod.VARIANTS["gread50_lr1e3_3k"] == (0.5, 1e-3, 3000, False)
+    with pytest.raises(ValueError, match="variant 'nope'"):
+        load_config(_path("digits_recipe_probe"), "nope")
