@@ -76,7 +76,7 @@ EXPECTED (``study``, measured on one NVIDIA H200, jax 0.11.2, ``bash
 experiments/gpu_compression_study.sh shapes`` / ``digits``): shapes' 11 models of 1500 steps train
 all at once in 310-390 s; the 94 distinct shapes rows then take about 10 more minutes in 12
 processes (two ~9-minute calls on one warm machine: the second resumes). digits' 11 models of
-3000 steps take ~14 minutes and its 94 rows ~10 more (three calls, ~27 minutes held). Baselines:
+3000 steps take ~14 minutes and its 94 rows ~15 more (four calls back to back). Baselines:
 shapes_vqa 66.4% exact match (500 questions, s.e. 2.1 pts; 68.4% in an earlier training run),
 digit_grid_vqa 58.2% (digit_at 97.4%, compare 79.0%; count and where_is at the prior).
 Tables: ``benchmarks/compression_sweep_{shapes,digits}.md``.

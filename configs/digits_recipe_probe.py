@@ -16,10 +16,11 @@ One variant anywhere:
         --workdir runs/probe/gread50_lr1e3
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from efficient_mllm.train.config import load_config
 
 # name -> (read_fraction, peak learning rate, steps, M-RoPE)
 VARIANTS = {
@@ -40,10 +41,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/digits_recipe_probe.py: variant {arg!r}; expected one of "
                          f"{sorted(VARIANTS)}")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compression_sweep.py")
-    spec = importlib.util.spec_from_file_location("_compression_sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("train,study,digit_grid")
+    c = load_config(path, "train,study,digit_grid")
     read, lr, steps, mrope = VARIANTS[arg]
     c.unlock()
     c.name = f"digits_probe_{arg}"

@@ -18,12 +18,12 @@ import importlib.util as u; s = u.spec_from_file_location('p', 'configs/digits_r
 m = u.module_from_spec(s); s.loader.exec_module(m); print(' '.join(m.VARIANTS))")}
 limit=${PROBE_LIMIT_S:-540}
 t0=$(date +%s)
-# build each distinct dataset once, before the trainings (they would race to build it)
-for r in 0.0 0.25 0.5; do
-  python3 -c "from efficient_mllm.data.datasets import build_dataset as b
+# build each distinct dataset of the chosen variants once, before the trainings (they would race)
+for v in $(python3 -c "from configs.digits_recipe_probe import VARIANTS as V
+first = {V[v][0]: v for v in reversed('$VARIANTS'.split())}; print(' '.join(first.values()))"); do
+  python3 -c "from efficient_mllm.data.datasets import build_dataset
 from configs.digits_recipe_probe import get_config
-k = dict(get_config('base').data.knobs); k['read_fraction'] = $r
-b('digit_grid_vqa', **k)" > "runs/digits_probe/data_$r.log" 2>&1 &
+build_dataset('digit_grid_vqa', **get_config('$v').data.knobs)" > "runs/digits_probe/data_$v.log" 2>&1 &
 done
 wait
 for v in $VARIANTS; do

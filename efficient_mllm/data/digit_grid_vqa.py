@@ -54,6 +54,7 @@ QUESTION_TYPES = ("digit_at", "where_is", "count", "compare", "read")
 ASKED_TYPES = QUESTION_TYPES[:4]  # the default question_types (``read`` is opt-in)
 MAX_GRID = 8
 MAX_QUESTION_TOKENS = 16  # "is the digit at row 1 column 2 larger than the digit to its right ?"
+POOLS = {"train": (0, 1257), "validation": (1257, 1527), "test": (1527, 1797)}
 
 
 def max_row_tokens(cfg: DigitGridConfig) -> int:
@@ -63,7 +64,6 @@ def max_row_tokens(cfg: DigitGridConfig) -> int:
     if cfg.read_fraction > 0 or "read" in cfg.question_types:
         longest = max(longest, 2 + 4 + 5 * cfg.rows * cfg.cols + 1)
     return longest
-POOLS = {"train": (0, 1257), "validation": (1257, 1527), "test": (1527, 1797)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,15 +253,15 @@ _ASK = {
 def generate_example(cfg: DigitGridConfig, split: str, index: int) -> dict[str, Any]:
     """Record ``index`` of ``split``: a pure function of (config, split, index)."""
     common.check_int("index", index, 0)
+    types = cfg.question_types
+    if split == "train" and cfg.read_fraction > 0:
+        # its own stream: the draw does not shift the scene's
+        mix = np.random.default_rng([cfg.seed, common.split_id(split), int(index), 0x4EAD])
+        if mix.random() < cfg.read_fraction:
+            types = ("read",)
     for attempt in range(1000):
         rng = common.example_rng(cfg.seed, split, index, attempt)
         cells = _sample_cells(rng, cfg, split)
-        types = cfg.question_types
-        if split == "train" and cfg.read_fraction > 0:
-            # its own stream: the draw does not shift the scene's
-            mix = np.random.default_rng([cfg.seed, common.split_id(split), int(index), 0x4EAD])
-            if mix.random() < cfg.read_fraction:
-                types = ("read",)
         first = int(rng.integers(len(types)))
         order = [types[first]] + [types[i] for i in rng.permutation(len(types)) if i != first]
         for t in order:

@@ -70,13 +70,13 @@ QUESTION_TYPES = ("color", "shape", "count", "exist", "relative_position", "left
 MAX_OBJECTS = 32
 MIN_OBJECT_PIXELS = 8  # below this, a rendered circle, cross and diamond can coincide
 MAX_QUESTION_TOKENS = 12  # "is the purple triangle left or right of the yellow diamond ?"
+_BUCKETS = {"train": range(8), "validation": range(8, 9), "test": range(9, 10)}
+_MAX_ATTEMPTS = 10_000
 
 
 def max_row_tokens(cfg: ShapesVQAConfig) -> int:
     """Longest encoded row: ``<bos> <image> question ? answer <eos>`` (one-word answers)."""
     return 2 + MAX_QUESTION_TOKENS + 2
-_BUCKETS = {"train": range(8), "validation": range(8, 9), "test": range(9, 10)}
-_MAX_ATTEMPTS = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
